@@ -1,0 +1,23 @@
+"""distclip: gradient clipping for distributed PyTorch.
+
+On one process, a drop-in for ``torch.nn.utils``' clipping functions with bitwise identical results. With
+``group=``, the true global norm of gradients sharded over a process group, from one collective.
+"""
+
+from distclip._clip_grad import (
+    clip_grad_norm,
+    clip_grad_norm_,
+    clip_grad_value_,
+    clip_grads_with_norm_,
+    get_total_norm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "clip_grad_norm",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+]

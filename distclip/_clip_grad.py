@@ -1,0 +1,160 @@
+r"""The functional API: drop-ins for ``torch.nn.utils``' clipping functions, plus ``group=`` for sharded gradients.
+
+Every clip runs the same stages, top to bottom:
+
+    gradients -> layout (_layout) -> local partials (_partials) -> one reduction (_reduction)
+              -> total norm (_total_norm) -> coefficient (_coefficient) -> in-place scaling (_scaling)
+
+With ``group=None`` the reduction is skipped and every stage uses exactly torch's kernels in torch's order,
+so values, dtypes, warnings and errors are those of the installed ``torch.nn.utils``.
+"""
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distclip import _coefficient, _layout, _partials, _reduction, _scaling, _total_norm
+from distclip._checks import as_float
+
+_TensorOrTensors = Tensor | Iterable[Tensor]
+
+
+@torch.no_grad()
+def get_total_norm(
+    tensors: _TensorOrTensors,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    group: Any = None,
+) -> Tensor:
+    r"""Return the p-norm of ``tensors`` viewed as one vector, :math:`\|(\|t_1\|_p, \ldots, \|t_k\|_p)\|_p`.
+
+    Args:
+        tensors: a tensor or an iterable of tensors (their values, not their ``.grad``).
+        norm_type: p, a float, an int or ``'inf'``/``'-inf'``.
+        error_if_nonfinite: raise ``RuntimeError`` if the norm is NaN or inf.
+        foreach: use the foreach kernels (``None``: where the device supports them).
+        group: ``None`` for this process's tensors alone, bitwise equal to
+            ``torch.nn.utils.get_total_norm``. A process group (or ``torch.distributed.group.WORLD``) when
+            each rank holds a disjoint piece of one vector: the result is the norm of the whole vector,
+            :math:`(\sum_r n_r^p)^{1/p}` over the ranks' local norms :math:`n_r` (max for inf, min for -inf),
+            the same float64 value on every rank, from one ``all_reduce`` of a few float64 values. Every
+            rank of the group must call it, also one with no tensors.
+
+    Returns:
+        A 0-d tensor: in single-process mode torch's result (dtype of the tensors, on the first tensor's
+        device; ``torch.tensor(0.0)`` for none); in sharded mode float64, on the first local tensor's device
+        (the reduction's device on a rank with none).
+    """
+    tensors = _layout.as_list(tensors, "tensors")
+    return _total_norm_of(tensors, norm_type, error_if_nonfinite, foreach, _layout.resolve(group))
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: _TensorOrTensors,
+    max_norm: float,
+    total_norm: Tensor,
+    foreach: bool | None = None,
+) -> None:
+    r"""Scale the gradients of ``parameters`` in place by :math:`\min(\text{max\_norm} / (\text{total\_norm} + 10^{-6}), 1)`.
+
+    A drop-in for ``torch.nn.utils.clip_grads_with_norm_``; with ``total_norm`` from
+    :func:`get_total_norm` (``group=`` included) it completes a clip. Local only: no collective.
+    """
+    grads = _layout.grads_of(_layout.as_list(parameters, "parameters"))
+    _clip_(grads, _coefficient.max_norm_value(max_norm, sharded=False), total_norm, foreach)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: _TensorOrTensors,
+    max_norm: float,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    group: Any = None,
+) -> Tensor:
+    r"""Clip the gradient norm of ``parameters`` in place and return the norm before clipping.
+
+    The norm is :func:`get_total_norm` of the gradients (parameters without ``.grad`` are skipped), and every
+    gradient is multiplied by :math:`\min(\text{max\_norm} / (\text{norm} + 10^{-6}), 1)`.
+
+    ``group=None``: bitwise equal to ``torch.nn.utils.clip_grad_norm_``. With a process group each rank
+    passes its own shard of the gradients; the norm is the global one (one ``all_reduce``), the same on
+    every rank, every rank scales its own gradients by the same coefficient, and with
+    ``error_if_nonfinite=True`` every rank raises together before any gradient changes. In sharded mode
+    ``max_norm`` must be a non-negative number and ``norm_type`` in (0, 1e4], inf or -inf.
+    """
+    parameters = _layout.parameter_list(parameters, stacklevel=4)
+    grads = _layout.grads_of(parameters)
+    layout = _layout.resolve(group)
+    max_norm = _coefficient.max_norm_value(max_norm, layout.sharded)
+    total_norm = _total_norm_of(grads, norm_type, error_if_nonfinite, foreach, layout)
+    _clip_(grads, max_norm, total_norm, foreach)
+    return total_norm
+
+
+def clip_grad_norm(
+    parameters: _TensorOrTensors,
+    max_norm: float,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    group: Any = None,
+) -> Tensor:
+    """Deprecated alias of :func:`clip_grad_norm_` (``FutureWarning``), as in ``torch.nn.utils``."""
+    warnings.warn(
+        "`distclip.clip_grad_norm` is now deprecated in favor of `distclip.clip_grad_norm_`.",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach, group=group)
+
+
+@torch.no_grad()
+def clip_grad_value_(
+    parameters: _TensorOrTensors,
+    clip_value: float,
+    foreach: bool | None = None,
+) -> None:
+    r"""Clamp every gradient of ``parameters`` in place to :math:`[-\text{clip\_value}, \text{clip\_value}]`.
+
+    A drop-in for ``torch.nn.utils.clip_grad_value_``: elementwise, so it needs no collective in any layout.
+    """
+    parameters = _layout.as_list(parameters, "parameters")
+    clip_value = as_float(clip_value, "clip_value")
+    _scaling.clamp_(_layout.grads_of(parameters), clip_value, foreach)
+
+
+def _total_norm_of(
+    grads: list[Tensor],
+    norm_type: float | str,
+    error_if_nonfinite: bool,
+    foreach: bool | None,
+    layout: _layout.Layout,
+) -> Tensor:
+    p = _partials.norm_order(norm_type, layout.sharded)
+    if layout.sharded:
+        wire = _partials.WireFormat.for_order(p)
+        device = _reduction.wire_device(layout.group)
+        partial = _partials.sharded_partial(grads, wire, foreach, device)
+        reduced = _reduction.all_reduce_(partial, wire.op, layout.group)
+        total = _total_norm.decode(reduced, wire).to(grads[0].device if grads else device)
+    elif not grads:
+        return torch.tensor(0.0)
+    else:
+        total = _total_norm.combine(_partials.tensor_norms(grads, p, foreach), p, grads[0].device)
+    _total_norm.check_finite(total, p, error_if_nonfinite, layout)
+    return total
+
+
+def _clip_(grads: list[Tensor], max_norm: float, total_norm: Tensor, foreach: bool | None) -> None:
+    if grads:
+        _scaling.scale_(grads, _coefficient.clip_coefficient(max_norm, total_norm), foreach)

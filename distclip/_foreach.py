@@ -1,0 +1,37 @@
+"""Grouping of tensors by device and dtype, and the choice between foreach and per-tensor kernels.
+
+This is the rule of ``torch.nn.utils.clip_grad``, kept in one place so that norms, scaling and value
+clipping choose their kernels (and raise for ``foreach=True``) exactly as torch does.
+"""
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import (
+    _device_has_foreach_support,
+    _group_tensors_by_device_and_dtype,
+    _has_foreach_support,
+)
+
+
+def kernel_groups(
+    tensors: list[Tensor], foreach: bool | None
+) -> Iterator[tuple[torch.device, torch.dtype, list[Tensor], bool]]:
+    """Yield ``(device, dtype, tensors, use_foreach)`` for each device/dtype group of ``tensors``.
+
+    ``foreach=None`` uses the foreach kernels where the device and tensor types support them;
+    ``foreach=True`` raises ``RuntimeError`` on a device without them, with torch's message.
+    """
+    grouped = _group_tensors_by_device_and_dtype([tensors])  # type: ignore[list-item]
+    for (device, dtype), ([group], _) in grouped.items():
+        if (foreach is None and _has_foreach_support(group, device)) or (
+            foreach and _device_has_foreach_support(device)
+        ):
+            yield device, dtype, group, True
+        elif foreach:
+            raise RuntimeError(
+                f"foreach=True was passed, but can't use the foreach API on {device.type} tensors"
+            )
+        else:
+            yield device, dtype, group, False
