@@ -1,6 +1,5 @@
 """Coefficient: the factor every gradient is scaled by, min(max_norm / (total_norm + 1e-6), 1)."""
 
-import math
 from typing import Any
 
 import torch

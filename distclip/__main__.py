@@ -1,0 +1,7 @@
+"""``python -m distclip``: the command line (see :mod:`distclip._cli`)."""
+
+from distclip._cli import main
+
+# Spawned ranks import this module again under another name: only the real entry point runs the command.
+if __name__ == "__main__":
+    raise SystemExit(main())
