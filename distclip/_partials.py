@@ -92,7 +92,11 @@ def _scale_exponents(p: float) -> tuple[float, ...]:
 def sharded_partial(
     grads: list[Tensor], wire: WireFormat, foreach: bool | None, device: torch.device
 ) -> Tensor:
-    """This rank's contribution to the reduction, as a float64 vector on ``device`` (see :class:`WireFormat`)."""
+    """This rank's contribution to the reduction, as a float64 vector on ``device`` (see :class:`WireFormat`).
+
+    Empty tensors (an empty FSDP shard) hold no element and are left out: torch's -inf norm of one raises.
+    """
+    grads = [g for g in grads if g.numel()]
     norms = torch.stack([n.to(device) for n in _float64_norms(grads, wire, foreach)]) if grads else (
         torch.zeros(0, dtype=torch.float64, device=device)
     )
