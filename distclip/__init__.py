@@ -11,6 +11,7 @@ from distclip._clip_grad import (
     clip_grads_with_norm_,
     get_total_norm,
 )
+from distclip._module import clip_module_grad_norm_
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,6 @@ __all__ = [
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "clip_module_grad_norm_",
     "get_total_norm",
 ]

@@ -50,8 +50,8 @@ def get_total_norm(
         device; ``torch.tensor(0.0)`` for none); in sharded mode float64, on the first local tensor's device
         (the reduction's device on a rank with none).
     """
-    tensors = _layout.as_list(tensors, "tensors")
-    return _total_norm_of(tensors, norm_type, error_if_nonfinite, foreach, _layout.resolve(group))
+    layout = _layout.of_tensors(_layout.as_list(tensors, "tensors"), group)
+    return _total_norm.returned(_total_norm_of(layout, norm_type, error_if_nonfinite, foreach), layout)
 
 
 @torch.no_grad()
@@ -66,8 +66,9 @@ def clip_grads_with_norm_(
     A drop-in for ``torch.nn.utils.clip_grads_with_norm_``; with ``total_norm`` from
     :func:`get_total_norm` (``group=`` included) it completes a clip. Local only: no collective.
     """
-    grads = _layout.grads_of(_layout.as_list(parameters, "parameters"))
-    _clip_(grads, _coefficient.max_norm_value(max_norm, sharded=False), total_norm, foreach)
+    grads = _layout.local_grads(_layout.as_list(parameters, "parameters"))
+    max_norm = _coefficient.max_norm_value(max_norm, sharded=False)
+    _clip_(grads, max_norm, _layout.local_tensor(total_norm), foreach)
 
 
 @torch.no_grad()
@@ -91,13 +92,11 @@ def clip_grad_norm_(
     ``error_if_nonfinite=True`` every rank raises together before any gradient changes. In sharded mode
     ``max_norm`` must be a non-negative number and ``norm_type`` in (0, 1e4], inf or -inf.
     """
-    parameters = _layout.parameter_list(parameters, stacklevel=4)
-    grads = _layout.grads_of(parameters)
-    layout = _layout.resolve(group)
+    layout = _layout.of_parameters(_layout.parameter_list(parameters, stacklevel=4), group)
     max_norm = _coefficient.max_norm_value(max_norm, layout.sharded)
-    total_norm = _total_norm_of(grads, norm_type, error_if_nonfinite, foreach, layout)
-    _clip_(grads, max_norm, total_norm, foreach)
-    return total_norm
+    total_norm = _total_norm_of(layout, norm_type, error_if_nonfinite, foreach)
+    _clip_(layout.grads, max_norm, total_norm, foreach)
+    return _total_norm.returned(total_norm, layout)
 
 
 def clip_grad_norm(
@@ -130,27 +129,24 @@ def clip_grad_value_(
     """
     parameters = _layout.as_list(parameters, "parameters")
     clip_value = as_float(clip_value, "clip_value")
-    _scaling.clamp_(_layout.grads_of(parameters), clip_value, foreach)
+    _scaling.clamp_(_layout.local_grads(parameters), clip_value, foreach)
 
 
 def _total_norm_of(
-    grads: list[Tensor],
-    norm_type: float | str,
-    error_if_nonfinite: bool,
-    foreach: bool | None,
-    layout: _layout.Layout,
+    layout: _layout.Layout, norm_type: float | str, error_if_nonfinite: bool, foreach: bool | None
 ) -> Tensor:
     p = _partials.norm_order(norm_type, layout.sharded)
     if layout.sharded:
         wire = _partials.WireFormat.for_order(p)
         device = _reduction.wire_device(layout.group)
-        partial = _partials.sharded_partial(grads, wire, foreach, device)
+        partial = _partials.sharded_partial(layout.counted, wire, foreach, device)
         reduced = _reduction.all_reduce_(partial, wire.op, layout.group)
-        total = _total_norm.decode(reduced, wire).to(grads[0].device if grads else device)
-    elif not grads:
+        total = _total_norm.decode(reduced, wire).to(layout.grads[0].device if layout.grads else device)
+    elif not layout.grads:
         return torch.tensor(0.0)
     else:
-        total = _total_norm.combine(_partials.tensor_norms(grads, p, foreach), p, grads[0].device)
+        norms = _partials.tensor_norms(layout.counted, p, foreach)
+        total = _total_norm.combine(norms, p, layout.grads[0].device)
     _total_norm.check_finite(total, p, error_if_nonfinite, layout)
     return total
 

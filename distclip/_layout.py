@@ -1,40 +1,57 @@
-"""Layout: which gradient tensors this rank holds, and the group over which they are pieces of one vector.
+"""Layout: which gradient pieces this rank holds, which of them it counts, and the group they are reduced over.
 
-``group=None`` means this process holds the whole logical gradient vector. With a process group, every rank
-of the group holds a disjoint piece (an FSDP/ZeRO shard, a pipeline stage, a tensor-parallel shard) and the
-norm is of the concatenation of all pieces.
+Every call is translated here into one :class:`Layout`:
+
+- plain tensors and ``group=None``: this process holds the whole vector (torch's single-process clip);
+- plain tensors and ``group=<ProcessGroup>``: each rank's tensors are its own disjoint pieces of one vector;
+- a piece held identically by several ranks is counted only on its owner, so that one ``all_reduce`` over
+  the whole group counts every element once. Such replicas are declared as a parameter group
+  ``{"params": [...], "replicated_over": group_or_groups}`` (owner: rank 0 of each of those groups), or are
+  the ``Replicate`` mesh dimensions of a DTensor (owner: coordinate 0 on each of them).
+
+DTensors are recognised whatever ``group`` is. With ``group=None`` they are reduced over the ranks of their
+mesh (all their meshes must span the same ranks), and plain tensors beside them are taken as replicated over
+those ranks: the non-sharded parameters of an FSDP2 model.
 """
 
+import sys
 import types
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from distclip import _reduction
 
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_DECLARATION_KEYS = {"params", "replicated_over"}
+
 
 @dataclass(frozen=True)
 class Layout:
-    """The group that the local gradients are shards over (``None``: not sharded), and this rank in it."""
+    """The local view of one logical gradient vector.
 
+    ``grads``: every local tensor of the call (a DTensor as its local shard); all are scaled.
+    ``counted``: those whose elements this rank contributes to the norm (a replica only on its owner).
+    ``group``: the group the contributions are reduced over; ``None``: no collective, this process holds the
+    whole vector. ``mesh``/``dtype``: for a call whose tensors are all DTensors on one mesh, the norm is
+    returned as a replicated DTensor of torch's dtype on that mesh.
+    """
+
+    grads: list[Tensor]
+    counted: list[Tensor]
     group: Any = None
-    rank: int = 0
     world_size: int = 1
+    mesh: Any = None
+    dtype: torch.dtype | None = None
 
     @property
     def sharded(self) -> bool:
         return self.group is not None
-
-
-def resolve(group: Any) -> Layout:
-    """The layout for ``group``; raises if this process cannot take part in a collective over it."""
-    if group is None:
-        return Layout()
-    rank, world_size = _reduction.membership(group)
-    return Layout(group, rank, world_size)
 
 
 class NotATensorError(TypeError, AttributeError):
@@ -45,7 +62,7 @@ class NotATensorError(TypeError, AttributeError):
     """
 
 
-def as_list(tensors: Tensor | Iterable[Tensor], name: str) -> list:
+def as_list(tensors: Tensor | Iterable[Any], name: str) -> list:
     """``[tensors]`` for a single tensor, else the iterable's elements (a generator is consumed once)."""
     if isinstance(tensors, Tensor):
         return [tensors]
@@ -59,7 +76,7 @@ def as_list(tensors: Tensor | Iterable[Tensor], name: str) -> list:
     return list(iterator)
 
 
-def parameter_list(parameters: Tensor | Iterable[Tensor], stacklevel: int) -> list:
+def parameter_list(parameters: Tensor | Iterable[Any], stacklevel: int) -> list:
     """``as_list(parameters)``, warning as torch does when ``parameters`` is an empty generator.
 
     ``stacklevel`` counts from this function's frame to the user's call, so the warning points there.
@@ -74,6 +91,21 @@ def parameter_list(parameters: Tensor | Iterable[Tensor], stacklevel: int) -> li
     return parameters
 
 
+def of_parameters(parameters: list, group: Any) -> Layout:
+    """The layout of the gradients of ``parameters`` (tensors, or declared parameter groups)."""
+    return _layout(_entries(parameters, grads_of), group)
+
+
+def of_tensors(tensors: list, group: Any) -> Layout:
+    """The layout of ``tensors`` themselves (for ``get_total_norm``)."""
+    return _layout(_entries(tensors, list), group)
+
+
+def local_grads(parameters: list) -> list[Tensor]:
+    """Every local gradient tensor of ``parameters``, DTensors as their local shards: what scaling changes."""
+    return [local_tensor(g) for g, _ in _entries(parameters, grads_of)]
+
+
 def grads_of(parameters: list) -> list[Tensor]:
     """The ``.grad`` of every parameter that has one, in order."""
     try:
@@ -83,7 +115,122 @@ def grads_of(parameters: list) -> list[Tensor]:
             if not hasattr(p, "grad"):
                 raise NotATensorError(
                     f"`parameters[{i}]` is of type {type(p).__name__}, not a tensor: pass the parameters whose "
-                    "gradients to clip, e.g. model.parameters() or a list of tensors"
+                    "gradients to clip, e.g. model.parameters() or a list of tensors, or parameter groups "
+                    '{"params": [...], "replicated_over": group}'
                 ) from None
         raise
 
+
+def _entries(items: list, values) -> list[tuple[Tensor, tuple]]:
+    """``(tensor, replica groups)`` pairs: ``values(items)`` with no replica groups, unless some items are
+    declared parameter groups (dicts), whose tensors carry their ``replicated_over`` groups."""
+    if not any(type(item) is dict for item in items):
+        return [(t, ()) for t in values(items)]
+    entries = []
+    for item in items:
+        if type(item) is not dict:
+            entries.extend((t, ()) for t in values([item]))
+            continue
+        unknown = set(item) - _DECLARATION_KEYS
+        if unknown or "params" not in item:
+            raise ValueError(
+                f"distclip: a parameter group is {{'params': [...], 'replicated_over': group}}; got keys "
+                f"{sorted(item)}"
+            )
+        groups = item.get("replicated_over", ())
+        groups = tuple(groups) if isinstance(groups, (list, tuple)) else (groups,)
+        entries.extend((t, groups) for t in values(as_list(item["params"], "params")))
+    return entries
+
+
+def _layout(entries: list[tuple[Tensor, tuple]], group: Any) -> Layout:
+    dtensor_type = _dtensor_type(entries)
+    declared = any(groups for _, groups in entries)
+    if dtensor_type is None and not declared:
+        tensors = [t for t, _ in entries]
+        if group is None:
+            return Layout(tensors, tensors)
+        _, world_size = _reduction.membership(group)
+        return Layout(tensors, tensors, group, world_size)
+    dtensors = [t for t, _ in entries if dtensor_type is not None and isinstance(t, dtensor_type)]
+    plain_is_replica = group is None  # beside DTensors and without group=: replicated over the mesh's ranks
+    if group is None:
+        if not dtensors:
+            raise ValueError(
+                'distclip: parameters declared with "replicated_over" need group=: the group over which the '
+                "counted pieces make up the whole gradient"
+            )
+        group = _mesh_group(dtensors)
+    rank, world_size = _reduction.membership(group)
+    grads, counted = [], []
+    for t, replica_groups in entries:
+        is_dtensor = dtensor_type is not None and isinstance(t, dtensor_type)
+        local = t.to_local() if is_dtensor else t
+        grads.append(local)
+        if is_dtensor and not _owns_dtensor(t):
+            continue
+        if not is_dtensor and not replica_groups and plain_is_replica:
+            if rank == 0:
+                counted.append(local)
+        elif all(_reduction.membership(g)[0] == 0 for g in replica_groups):
+            counted.append(local)
+    mesh, dtype = _dtensor_result(dtensors, len(entries), declared)
+    return Layout(grads, counted, group, world_size, mesh, dtype)
+
+
+def _dtensor_type(entries: list[tuple[Tensor, tuple]]) -> type | None:
+    # DTensor's module costs half a second to import; if no one imported it, no tensor here is a DTensor.
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None or all(type(t) in _PLAIN_TYPES for t, _ in entries):
+        return None
+    return module.DTensor
+
+
+def _owns_dtensor(t: Tensor) -> bool:
+    """Whether this rank counts its shard of DTensor ``t``: coordinate 0 on every ``Replicate`` mesh dimension."""
+    for placement in t.placements:
+        if placement.is_partial():
+            raise ValueError(
+                f"distclip: a DTensor gradient has the Partial placement {placement}: its local tensor is a "
+                "partial sum, whose norm is not a piece of the norm; redistribute it to Shard or Replicate first"
+            )
+    coordinate = t.device_mesh.get_coordinate()
+    return all(coordinate[d] == 0 for d, p in enumerate(t.placements) if p.is_replicate())
+
+
+def _mesh_group(dtensors: list[Tensor]) -> Any:
+    """The group spanning the ranks of the DTensors' meshes, which must all span the same ranks."""
+    meshes = {id(t.device_mesh): t.device_mesh for t in dtensors}.values()
+    rank_sets = {tuple(sorted(m.mesh.flatten().tolist())) for m in meshes}
+    if len(rank_sets) > 1:
+        raise ValueError(
+            "distclip: the DTensor gradients live on meshes over different ranks "
+            f"({', '.join(str(list(r)) for r in sorted(rank_sets))}); pass group= covering all of them"
+        )
+    (ranks,) = rank_sets
+    world, world_size = _reduction.world()
+    if len(ranks) == world_size:
+        return world
+    mesh = next(iter(meshes))
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    raise ValueError(
+        f"distclip: the DTensor gradients' mesh spans ranks {list(ranks)}, not the whole world: pass group= "
+        "with a process group over exactly those ranks"
+    )
+
+
+def _dtensor_result(dtensors: list[Tensor], count: int, declared: bool) -> tuple[Any, torch.dtype | None]:
+    """The mesh and dtype torch would return the norm with: when every tensor is a DTensor on one mesh."""
+    if declared or not dtensors or len(dtensors) != count:
+        return None, None
+    mesh = dtensors[0].device_mesh
+    if any(t.device_mesh != mesh for t in dtensors):
+        return None, None
+    return mesh, reduce(torch.promote_types, (t.dtype for t in dtensors))
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """A DTensor's local tensor (the shard this rank holds); any other tensor itself."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return t.to_local() if module is not None and isinstance(t, module.DTensor) else t

@@ -33,6 +33,12 @@ def membership(group: Any) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
+def world() -> tuple[Any, int]:
+    """The default (world) process group and its size."""
+    membership(dist.group.WORLD)
+    return dist.group.WORLD, dist.get_world_size()
+
+
 def _not_a_member() -> str:
     return (
         f"distclip: this process (global rank {dist.get_rank()}) is not a member of the group passed as "

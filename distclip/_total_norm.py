@@ -30,6 +30,18 @@ def decode(reduced: Tensor, wire: WireFormat) -> Tensor:
     return torch.where(any_grads > 0, total, 0.0)
 
 
+def returned(total: Tensor, layout: Layout) -> Tensor:
+    """``total`` as the call returns it: for DTensors all on one mesh, torch's type there (a replicated DTensor
+    of their dtype), so that code calling ``.full_tensor()`` keeps working; else ``total`` itself."""
+    if layout.mesh is None:
+        return total
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(
+        total.to(layout.dtype), layout.mesh, [Replicate()] * layout.mesh.ndim, run_check=False
+    )
+
+
 def check_finite(total: Tensor, p: float, error_if_nonfinite: bool, layout: Layout) -> None:
     """Raise ``RuntimeError`` (torch's message) if asked to and ``total`` is NaN or inf.
 
