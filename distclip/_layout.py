@@ -162,6 +162,7 @@ def _layout(entries: list[tuple[Tensor, tuple]], group: Any) -> Layout:
             )
         group = _mesh_group(dtensors)
     rank, world_size = _reduction.membership(group)
+    owner_of: dict[tuple[int, ...], bool] = {}  # per tuple of replica groups: is this rank rank 0 in all?
     grads, counted = [], []
     for t, replica_groups in entries:
         is_dtensor = dtensor_type is not None and isinstance(t, dtensor_type)
@@ -170,9 +171,13 @@ def _layout(entries: list[tuple[Tensor, tuple]], group: Any) -> Layout:
         if is_dtensor and not _owns_dtensor(t):
             continue
         if not is_dtensor and not replica_groups and plain_is_replica:
-            if rank == 0:
-                counted.append(local)
-        elif all(_reduction.membership(g)[0] == 0 for g in replica_groups):
+            owner = rank == 0
+        else:
+            key = tuple(map(id, replica_groups))
+            if key not in owner_of:
+                owner_of[key] = all(_reduction.membership(g)[0] == 0 for g in replica_groups)
+            owner = owner_of[key]
+        if owner:
             counted.append(local)
     mesh, dtype = _dtensor_result(dtensors, len(entries), declared)
     return Layout(grads, counted, group, world_size, mesh, dtype)
