@@ -90,11 +90,12 @@ def clip_grad_norm_(
     passes its own shard of the gradients; the norm is the global one (one ``all_reduce``), the same on
     every rank, every rank scales its own gradients by the same coefficient, and with
     ``error_if_nonfinite=True`` every rank raises together before any gradient changes. In sharded mode
-    ``max_norm`` must be a non-negative number and ``norm_type`` in (0, 1e4], inf or -inf.
+    ``max_norm`` must be a non-negative number and ``norm_type`` positive, inf or -inf, and every
+    rank must pass the same arguments (checked in the same collective: a mismatch raises on every rank).
     """
     layout = _layout.of_parameters(_layout.parameter_list(parameters, stacklevel=4), group)
     max_norm = _coefficient.max_norm_value(max_norm, layout.sharded)
-    total_norm = _total_norm_of(layout, norm_type, error_if_nonfinite, foreach)
+    total_norm = _total_norm_of(layout, norm_type, error_if_nonfinite, foreach, max_norm)
     _clip_(layout.grads, max_norm, total_norm, foreach)
     return _total_norm.returned(total_norm, layout)
 
@@ -133,15 +134,21 @@ def clip_grad_value_(
 
 
 def _total_norm_of(
-    layout: _layout.Layout, norm_type: float | str, error_if_nonfinite: bool, foreach: bool | None
+    layout: _layout.Layout,
+    norm_type: float | str,
+    error_if_nonfinite: bool,
+    foreach: bool | None,
+    max_norm: float | None = None,
 ) -> Tensor:
+    """The total norm of ``layout`` (before any scaling). ``max_norm``: the clip's, ``None`` for
+    ``get_total_norm``; in sharded mode every rank's arguments are compared in the same collective."""
     p = _partials.norm_order(norm_type, layout.sharded)
     if layout.sharded:
-        wire = _partials.WireFormat.for_order(p)
         device = _reduction.wire_device(layout.group)
-        partial = _partials.sharded_partial(layout.counted, wire, foreach, device)
-        reduced = _reduction.all_reduce_(partial, wire.op, layout.group)
-        total = _total_norm.decode(reduced, wire).to(layout.grads[0].device if layout.grads else device)
+        arguments = (p, -1.0 if max_norm is None else max_norm, float(bool(error_if_nonfinite)))
+        rows = _reduction.gather_rows(_partials.local_row(layout.counted, p, foreach, device, arguments), layout.group)
+        _total_norm.check_agreement(rows)
+        total = _total_norm.from_rows(rows, p).to(layout.grads[0].device if layout.grads else device)
     elif not layout.grads:
         return torch.tensor(0.0)
     else:

@@ -1,13 +1,11 @@
 """Local partials: the norms of the gradient tensors this rank holds, with torch's foreach kernels.
 
 Single-process mode takes the per-tensor norms exactly as ``torch.nn.utils`` does (same kernels, same order,
-the gradients' own dtype). Sharded mode takes them in float64 and packs this rank's contribution into the
-float64 vector that the reduction stage reduces (:class:`WireFormat`).
+the gradients' own dtype). Sharded mode takes them in float64 and reduces them to this rank's local norm,
+which goes, with the call's arguments, into this rank's row of the reduction (:data:`ROW`).
 """
 
-import functools
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -15,23 +13,22 @@ from torch import Tensor
 from distclip._checks import as_float
 from distclip._foreach import kernel_groups
 
-# The norms that sharded mode carries exactly span the float32 range: log2 of its smallest subnormal (-149)
-# to past log2 of its largest value (128).
-_LOG2_LOW, _LOG2_HIGH = -150.0, 129.0
-# A scaled p-th power on the wire is kept within 2**-960 .. 2**960: normal, and room to sum 2**60 of them.
-_LOG2_POWER_BOUND = 960.0
-# Above this p the wire would need thousands of scales; the inf norm is the limit there.
-_MAX_SHARDED_P = 1e4
+# A rank's row in the reduction: its local norm, whether it counted any element, and the call's arguments
+# (every rank must pass the same; ``max_norm`` is -1 for ``get_total_norm``).
+ROW = ("local_norm", "has_elements", "norm_type", "max_norm", "error_if_nonfinite")
+# For p up to this, |x| ** p of every float32 value (2**-149 .. 2**128) is a normal float64 number, so the
+# float64 norm kernels neither overflow nor underflow; above it each tensor is first scaled by its max |x|.
+_PLAIN_FLOAT64_MAX_P = 6.0
 
 
 def norm_order(norm_type: float | str, sharded: bool) -> float:
     """``norm_type`` as a float p; in sharded mode, only the p that have a sharded meaning."""
     p = as_float(norm_type, "norm_type")
-    if sharded and not (math.isinf(p) or 0 < p <= _MAX_SHARDED_P):
+    if sharded and not p > 0 and p != -math.inf:
         raise ValueError(
             f"distclip: norm_type={norm_type!r} has no sharded meaning: with group= the norm is "
-            f"(sum over ranks of local_norm**p)**(1/p), defined for p in (0, {_MAX_SHARDED_P:g}], inf and "
-            "-inf. Use one of those, or clip on a single process with group=None for torch's own semantics"
+            "(sum over ranks of local_norm**p)**(1/p), defined for p > 0, inf and -inf. Use one of those, or "
+            "clip on a single process with group=None for torch's own semantics"
         )
     return p
 
@@ -52,78 +49,49 @@ def _norms(group: list[Tensor], p: float, use_foreach: bool, dtype: torch.dtype 
     return [torch.linalg.vector_norm(g, p, dtype=dtype) for g in group]
 
 
-@dataclass(frozen=True)
-class WireFormat:
-    """How one rank's contribution is laid out in the float64 vector that the reduction combines.
-
-    For finite p the vector holds, for each scale exponent e_j, the sum over local tensors of
-    ``(norm * 2**-e_j) ** p``, reduced with SUM; for p <= 6.4 there is one scale, e = 0, and these are plain
-    float64 p-th powers (``|x|**p`` of every float32 value is a normal float64 there). For larger p one
-    float64 cannot hold the p-th powers of the whole float32 range, so several scales are sent and the total
-    is decoded from the smallest one whose sum did not overflow. For inf it holds the max norm and for -inf
-    the negated min norm, both reduced with MAX. Two flags follow, reduced with the same op: "a norm is NaN"
-    (a MAX reduction may drop a NaN) and "this rank has gradients".
-    """
-
-    p: float
-    exponents: tuple[float, ...]
-
-    @staticmethod
-    def for_order(p: float) -> "WireFormat":
-        return WireFormat(p, _scale_exponents(p) if math.isfinite(p) else ())
-
-    @property
-    def op(self) -> str:
-        return "sum" if self.exponents else "max"
-
-    def scales(self, device: torch.device) -> Tensor:
-        return torch.exp2(-torch.tensor(self.exponents, dtype=torch.float64, device=device))
-
-
-@functools.lru_cache(maxsize=None)
-def _scale_exponents(p: float) -> tuple[float, ...]:
-    half = _LOG2_POWER_BOUND / p  # log2 of the norms one scale holds on either side of its exponent
-    if half >= max(-_LOG2_LOW, _LOG2_HIGH):
-        return (0.0,)
-    count = math.ceil((_LOG2_HIGH - _LOG2_LOW) / half) - 1
-    return tuple(_LOG2_LOW + half * (j + 1) for j in range(count))
-
-
-def sharded_partial(
-    grads: list[Tensor], wire: WireFormat, foreach: bool | None, device: torch.device
+def local_row(
+    grads: list[Tensor], p: float, foreach: bool | None, device: torch.device, arguments: tuple[float, ...]
 ) -> Tensor:
-    """This rank's contribution to the reduction, as a float64 vector on ``device`` (see :class:`WireFormat`).
+    """This rank's row of the reduction (see :data:`ROW`): a float64 vector on ``device``.
 
-    Empty tensors (an empty FSDP shard) hold no element and are left out: torch's -inf norm of one raises.
+    The local norm is ``||(||g_1||_p, ..., ||g_k||_p)||_p`` over the non-empty local tensors, every norm in
+    float64 (max |x| for inf, min |x| for -inf); empty tensors (an empty FSDP shard) hold no element and
+    are left out, as torch's inf norm of one raises.
     """
     grads = [g for g in grads if g.numel()]
-    norms = torch.stack([n.to(device) for n in _float64_norms(grads, wire, foreach)]) if grads else (
-        torch.zeros(0, dtype=torch.float64, device=device)
-    )
-    if wire.op == "sum":
-        values = (norms[:, None] * wire.scales(device)).pow(wire.p).sum(0)
-    elif wire.p > 0:
-        values = torch.cat([norms, norms.new_zeros(1)]).amax().reshape(1)
-    else:
-        values = torch.cat([norms, norms.new_full((1,), math.inf)]).amin().neg().reshape(1)
-    flags = torch.stack([norms.isnan().any(), norms.new_tensor(bool(grads), dtype=torch.bool)])
-    return torch.cat([values, flags.to(torch.float64)])
+    row = torch.tensor([0.0, float(bool(grads)), *arguments], dtype=torch.float64, device=device)
+    if grads:
+        row[0] = combine_float64(torch.stack([n.to(device) for n in _float64_norms(grads, p, foreach)]), p)
+    return row
 
 
-def _float64_norms(grads: list[Tensor], wire: WireFormat, foreach: bool | None) -> list[Tensor]:
+def combine_float64(norms: Tensor, p: float) -> Tensor:
+    """``||norms||_p`` of a float64 vector of norms of float32-range data, without overflow or underflow for
+    any p: above ``_PLAIN_FLOAT64_MAX_P`` as ``m * ||norms / m||_p`` with ``m = max(norms)`` (a NaN, inf or
+    zero ``m`` is the result itself). inf: the max; -inf: the min."""
+    if p == math.inf:
+        return norms.amax()
+    if p == -math.inf:
+        return norms.amin()
+    if p <= _PLAIN_FLOAT64_MAX_P:
+        return torch.linalg.vector_norm(norms, p)
+    return _max_scaled(norms, norms.amax(), p)
+
+
+def _float64_norms(grads: list[Tensor], p: float, foreach: bool | None) -> list[Tensor]:
     norms: list[Tensor] = []
     for _, _, group, use_foreach in kernel_groups(grads, foreach):
-        if len(wire.exponents) <= 1:
-            norms.extend(_norms(group, wire.p, use_foreach, torch.float64))
+        if math.isinf(p) or p <= _PLAIN_FLOAT64_MAX_P:
+            norms.extend(_norms(group, p, use_foreach, torch.float64))
         else:
             maxabs = _norms(group, math.inf, use_foreach, torch.float64)
-            norms.extend(_max_scaled_norm(g, m, wire.p) for g, m in zip(group, maxabs))
+            norms.extend(_max_scaled(g.to(torch.float64), m, p) for g, m in zip(group, maxabs))
     return norms
 
 
-def _max_scaled_norm(grad: Tensor, maxabs: Tensor, p: float) -> Tensor:
-    # ||g||_p = m * ||g / m||_p with m = max|g|: inside the kernel every |x / m| ** p is then at most 1, where
-    # a large p would overflow float64 on |x| ** p. A zero, inf or NaN m is the norm itself.
+def _max_scaled(values: Tensor, maxabs: Tensor, p: float) -> Tensor:
+    # ||v||_p = m * ||v / m||_p with m = max |v|: every |v / m| ** p is then at most 1, where |v| ** p would
+    # overflow (or all underflow) for a large p. A zero, inf or NaN m is the norm itself.
     usable = torch.isfinite(maxabs) & (maxabs > 0)
     m = torch.where(usable, maxabs, 1.0)
-    return torch.where(usable, m * torch.linalg.vector_norm(grad.to(torch.float64) / m, p), maxabs)
+    return torch.where(usable, m * torch.linalg.vector_norm(values / m, p), maxabs)

@@ -1,9 +1,13 @@
 """Reduction: the one collective of a sharded clip. This is the only module of the clip that calls
 ``torch.distributed``.
 
-The partials stage packs everything a rank contributes into one float64 vector; one ``all_reduce`` over the
-group combines it (``SUM`` for the p-th powers of finite p, ``MAX`` for inf and, negated, for -inf), and every
-rank decodes the same reduced vector into the same total norm.
+Every rank puts its row (its local norm, whether it has elements, and the call's arguments) into its own slot
+of a ``world_size x width`` float64 matrix of zeros, and one ``all_reduce(SUM)`` over the group fills in every
+slot: an exact all-gather (each element is one rank's value plus zeros). Every rank then holds the same rows,
+so it computes the same total bit for bit, sees a NaN wherever one occurred (a MAX reduction can drop one), and
+sees every other rank's arguments. The shape and the op never depend on the arguments, so ranks that disagree
+still meet in the same collective and can all raise together. Cost: one all_reduce of
+``8 * width * world_size`` bytes (40 bytes a rank).
 """
 
 from typing import Any
@@ -47,7 +51,8 @@ def _not_a_member() -> str:
 
 
 def wire_device(group: Any) -> torch.device:
-    """The device the reduced vector lives on: the current CUDA device for NCCL groups, else the CPU.
+    """The device of the reduced rows: the current CUDA device for NCCL groups (each rank must have set its
+    own, ``torch.cuda.set_device(local_rank)``, as NCCL requires), else the CPU.
 
     It depends on the group alone, never on local gradients, so every rank agrees on it.
     """
@@ -56,7 +61,22 @@ def wire_device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_(wire: torch.Tensor, op: str, group: Any) -> torch.Tensor:
-    """Reduce ``wire`` in place over ``group`` with ``op`` (``"sum"`` or ``"max"``): the one collective."""
-    dist.all_reduce(wire, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
-    return wire
+def gather_rows(row: torch.Tensor, group: Any) -> torch.Tensor:
+    """Every rank's ``row``, stacked by group rank, on every rank: one ``all_reduce`` over ``group``.
+
+    A rank that died, or never made the call, fails it after the group's timeout: that becomes a
+    ``RuntimeError`` that says so, instead of the backend's bare message.
+    """
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    rows = row.new_zeros(world_size, row.numel())
+    rows[rank] = row
+    try:
+        dist.all_reduce(rows, op=dist.ReduceOp.SUM, group=group)
+    except RuntimeError as err:  # the backends' errors (DistBackendError, timeouts) derive from it
+        raise RuntimeError(
+            f"distclip: the clip's all_reduce over a group of {world_size} ranks failed on rank {rank} of it "
+            f"(global rank {dist.get_rank()}): another rank of the group died, or did not make the same call "
+            "within the group's timeout (the timeout= of init_process_group / new_group). Every rank of the "
+            f"group must call. The backend said: {err}"
+        ) from err
+    return rows

@@ -1,4 +1,4 @@
-"""Total norm: the norm of the whole gradient vector, from per-tensor norms or from the reduced vector."""
+"""Total norm: the norm of the whole gradient vector, from per-tensor norms or from every rank's row."""
 
 import math
 
@@ -6,7 +6,9 @@ import torch
 from torch import Tensor
 
 from distclip._layout import Layout
-from distclip._partials import WireFormat
+from distclip._partials import ROW, combine_float64
+
+_LOCAL, _HAS, _ARGUMENTS = 0, 1, slice(2, len(ROW))
 
 
 def combine(norms: list[Tensor], p: float, device: torch.device) -> Tensor:
@@ -14,20 +16,48 @@ def combine(norms: list[Tensor], p: float, device: torch.device) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), p)
 
 
-def decode(reduced: Tensor, wire: WireFormat) -> Tensor:
-    """The total norm (float64, 0-d, on the reduced vector's device) from the reduced vector.
+def from_rows(rows: Tensor, p: float) -> Tensor:
+    r"""The total norm (float64, 0-d, beside ``rows``) from every rank's row.
 
-    Finite p: ``2**e_j * S_j ** (1/p)`` for the smallest scale j whose sum ``S_j`` is finite; inf: the max;
-    -inf: the min. NaN if any rank had a NaN norm; 0 if no rank had gradients. No host synchronisation.
+    :math:`(\sum_r n_r^p)^{1/p}` over the local norms of the ranks that hold elements, computed as
+    ``m * ||n / m||_p`` so that no p overflows; the max for inf, the min for -inf; NaN if any rank's norm is
+    NaN; 0 if no rank holds an element. Every rank holds the same rows, so every rank gets the same bits.
     """
-    values, any_nan, any_grads = reduced[:-2], reduced[-2], reduced[-1]
-    if wire.op == "sum":
-        j = torch.argmax(values.isfinite().to(torch.uint8))  # 0 if none is finite: that sum is inf or NaN
-        total = values[j].pow(1.0 / wire.p) / wire.scales(reduced.device)[j]
-    else:
-        total = values[0] if wire.p > 0 else -values[0]
-    total = torch.where(any_nan > 0, math.nan, total)
-    return torch.where(any_grads > 0, total, 0.0)
+    has = rows[:, _HAS] > 0
+    identity = math.inf if p == -math.inf else 0.0
+    total = combine_float64(torch.where(has, rows[:, _LOCAL], identity), p)
+    return torch.where(has.any(), total, 0.0)
+
+
+def check_agreement(rows: Tensor) -> None:
+    """Raise ``ValueError`` on every rank if the ranks passed different arguments (or made different calls).
+
+    Every rank reads the same rows, so every rank raises the same error, before any gradient changes.
+    """
+    arguments = rows[:, _ARGUMENTS].tolist()
+    if all(a == arguments[0] for a in arguments):
+        return
+    differences = []
+    for column, name in enumerate(ROW[_ARGUMENTS]):
+        by_value: dict[float, list[int]] = {}
+        for rank, a in enumerate(arguments):
+            by_value.setdefault(a[column], []).append(rank)
+        if len(by_value) > 1:
+            differences.append(
+                f"{name} is " + "; ".join(f"{_shown(name, v)} on ranks {ranks}" for v, ranks in by_value.items())
+            )
+    raise ValueError(
+        f"distclip: the ranks of the group made different calls ({', '.join(differences)}; ranks are "
+        "group ranks). Every rank of a group must make the same call with the same arguments; nothing was clipped"
+    )
+
+
+def _shown(name: str, value: float) -> str:
+    if name == "max_norm" and value < 0:
+        return "none (get_total_norm)"
+    if name == "error_if_nonfinite":
+        return str(bool(value))
+    return repr(value)
 
 
 def returned(total: Tensor, layout: Layout) -> Tensor:

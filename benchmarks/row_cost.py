@@ -1,0 +1,66 @@
+"""What the argument check costs: the clip's reduction (every rank's 5-value row, all-gathered by one
+all_reduce, then read on the host and compared) next to the smallest reduction a clip could make (one float64
+all_reduce, no check). Run: python benchmarks/row_cost.py [--nproc 4] [--calls 2000]."""
+
+import argparse
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distclip import _partials, _reduction, _total_norm
+
+
+def _rank(rank: int, world_size: int, port: int, calls: int, results) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    grads = [torch.randn(1000) for _ in range(4)]
+    arguments = (2.0, 1.0, 0.0)
+
+    def minimal():
+        local = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float64)))
+        dist.all_reduce(local.pow(2))
+
+    def distclip_reduction():
+        row = _partials.local_row(grads, 2.0, None, torch.device("cpu"), arguments)
+        rows = _reduction.gather_rows(row, dist.group.WORLD)
+        _total_norm.check_agreement(rows)
+        _total_norm.from_rows(rows, 2.0)
+
+    timings = {}
+    for name, fn in [("minimal", minimal), ("distclip", distclip_reduction)] * 2:  # interleaved, twice
+        dist.barrier()
+        samples = []
+        for _ in range(calls // 2):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        timings.setdefault(name, []).extend(samples)
+    if rank == 0:
+        results.put({name: (statistics.median(s) * 1e6, min(s) * 1e6) for name, s in timings.items()})
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--nproc", type=int, default=4)
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    mp.start_processes(_rank, (args.nproc, port, args.calls, results), args.nproc, start_method="spawn")
+    timings = results.get()
+    for name, (median, best) in timings.items():
+        print(f"{name:>9}: median {median:7.1f} us   min {best:7.1f} us   ({args.nproc} gloo ranks, {os.cpu_count()} cores)")
+    print(f"ratio of medians: {timings['distclip'][0] / timings['minimal'][0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
