@@ -80,3 +80,13 @@ def gather_rows(row: torch.Tensor, group: Any) -> torch.Tensor:
             f"group must call. The backend said: {err}"
         ) from err
     return rows
+
+
+def all_reduce_sum_(values: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum ``values`` in place over ``group`` (one ``all_reduce(SUM)``) and return it.
+
+    Not part of a clip's norm: the GradClipper's AGC sums the squared unit norms of tensors sharded across
+    their rows with it, once per group (see ``distclip/_agc.py``).
+    """
+    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    return values
