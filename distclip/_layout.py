@@ -93,17 +93,27 @@ def parameter_list(parameters: Tensor | Iterable[Any], stacklevel: int) -> list:
 
 def of_parameters(parameters: list, group: Any) -> Layout:
     """The layout of the gradients of ``parameters`` (tensors, or declared parameter groups)."""
-    return _layout(_entries(parameters, grads_of), group)
+    try:
+        grads = [p.grad for p in parameters if p.grad is not None]
+    except AttributeError:  # declared parameter groups (dicts), or something that is not a parameter
+        return _layout(_entries(parameters, grads_of), group)
+    return _plain_layout(grads, group)
 
 
 def of_tensors(tensors: list, group: Any) -> Layout:
     """The layout of ``tensors`` themselves (for ``get_total_norm``)."""
-    return _layout(_entries(tensors, list), group)
+    if any(type(t) is dict for t in tensors):
+        return _layout(_entries(tensors, list), group)
+    return _plain_layout(tensors, group)
 
 
 def local_grads(parameters: list) -> list[Tensor]:
     """Every local gradient tensor of ``parameters``, DTensors as their local shards: what scaling changes."""
-    return [local_tensor(g) for g, _ in _entries(parameters, grads_of)]
+    try:
+        grads = [p.grad for p in parameters if p.grad is not None]
+    except AttributeError:  # declared parameter groups: scaling needs their tensors, not their groups
+        grads = [t for t, _ in _entries(parameters, grads_of)]
+    return grads if _dtensor_type(grads) is None else [local_tensor(g) for g in grads]
 
 
 def grads_of(parameters: list) -> list[Tensor]:
@@ -113,22 +123,27 @@ def grads_of(parameters: list) -> list[Tensor]:
     except AttributeError:
         for i, p in enumerate(parameters):
             if not hasattr(p, "grad"):
-                raise NotATensorError(
-                    f"`parameters[{i}]` is of type {type(p).__name__}, not a tensor: pass the parameters whose "
-                    "gradients to clip, e.g. model.parameters() or a list of tensors, or parameter groups "
-                    '{"params": [...], "replicated_over": group}'
-                ) from None
+                raise _not_a_tensor(i, p) from None
         raise
 
 
+def _not_a_tensor(index: int, item: Any) -> NotATensorError:
+    return NotATensorError(
+        f"`parameters[{index}]` is of type {type(item).__name__}, not a tensor: pass the parameters whose "
+        "gradients to clip, e.g. model.parameters() or a list of tensors, or parameter groups "
+        '{"params": [...], "replicated_over": group}'
+    )
+
+
 def _entries(items: list, values) -> list[tuple[Tensor, tuple]]:
-    """``(tensor, replica groups)`` pairs: ``values(items)`` with no replica groups, unless some items are
-    declared parameter groups (dicts), whose tensors carry their ``replicated_over`` groups."""
-    if not any(type(item) is dict for item in items):
-        return [(t, ()) for t in values(items)]
+    """``(tensor, replica groups)`` pairs in order: for a plain item its tensor (``values([item])``: its
+    ``.grad``, or itself), with no replica groups; for a declared parameter group (a dict) the tensors of its
+    ``params`` with its ``replicated_over`` groups."""
     entries = []
-    for item in items:
+    for i, item in enumerate(items):
         if type(item) is not dict:
+            if values is grads_of and not hasattr(item, "grad"):
+                raise _not_a_tensor(i, item)
             entries.extend((t, ()) for t in values([item]))
             continue
         unknown = set(item) - _DECLARATION_KEYS
@@ -143,15 +158,22 @@ def _entries(items: list, values) -> list[tuple[Tensor, tuple]]:
     return entries
 
 
+def _plain_layout(tensors: list[Tensor], group: Any) -> Layout:
+    """Tensors with no declarations: this rank's own pieces over ``group`` (the whole vector without one),
+    unless some are DTensors. No per-tensor work beyond what torch does."""
+    if _dtensor_type(tensors) is not None:
+        return _layout([(t, ()) for t in tensors], group)
+    if group is None:
+        return Layout(tensors, tensors)
+    _, world_size = _reduction.membership(group)
+    return Layout(tensors, tensors, group, world_size)
+
+
 def _layout(entries: list[tuple[Tensor, tuple]], group: Any) -> Layout:
-    dtensor_type = _dtensor_type(entries)
+    dtensor_type = _dtensor_type([t for t, _ in entries])
     declared = any(groups for _, groups in entries)
     if dtensor_type is None and not declared:
-        tensors = [t for t, _ in entries]
-        if group is None:
-            return Layout(tensors, tensors)
-        _, world_size = _reduction.membership(group)
-        return Layout(tensors, tensors, group, world_size)
+        return _plain_layout([t for t, _ in entries], group)
     dtensors = [t for t, _ in entries if dtensor_type is not None and isinstance(t, dtensor_type)]
     plain_is_replica = group is None  # beside DTensors and without group=: replicated over the mesh's ranks
     if group is None:
@@ -183,10 +205,10 @@ def _layout(entries: list[tuple[Tensor, tuple]], group: Any) -> Layout:
     return Layout(grads, counted, group, world_size, mesh, dtype)
 
 
-def _dtensor_type(entries: list[tuple[Tensor, tuple]]) -> type | None:
+def _dtensor_type(tensors: list[Tensor]) -> type | None:
     # DTensor's module costs half a second to import; if no one imported it, no tensor here is a DTensor.
     module = sys.modules.get("torch.distributed.tensor")
-    if module is None or all(type(t) in _PLAIN_TYPES for t, _ in entries):
+    if module is None or all(type(t) in _PLAIN_TYPES for t in tensors):
         return None
     return module.DTensor
 
