@@ -109,8 +109,10 @@ def _exact_norms(group: list[Tensor], p: float, use_foreach: bool) -> list[Tenso
     return [_max_scaled(g.to(torch.float64), m, p) for g, m in zip(group, maxabs)]
 
 
-# Elements upcast at a time for a bfloat16/float16 norm on the CPU: the only temporary, 1 MiB of float32.
+# Elements upcast or copied at a time for a norm on the CPU: the only temporary, 1 MiB of float32.
 _CHUNK = 1 << 18
+# A 1-D float32 tensor of fewer elements is cheaper to copy into a batch than to give a kernel of its own.
+_SMALL = 1 << 12
 # A float32 p-th power sum at or above this is as accurate as float32 sums are: each term the kernel lost to
 # underflow was below 2**-149, so 2**40 of them stay under 2**-109, a 2**-49 fraction of the sum. Below it (a
 # tiny or all-zero piece) the piece is normed again in float64.
@@ -118,14 +120,13 @@ _LOWEST_ACCURATE_POWER_SUM = 2.0**-60
 
 
 def _fast_then_exact(group: list[Tensor], p: float, use_foreach: bool, dtype: torch.dtype) -> list[Tensor]:
-    """Float64 norms of ``group``'s pieces on the CPU, where float64 norm kernels read ~10x slower than float32.
+    """Float64 norms of pieces of ``group`` on the CPU, where float64 norm kernels read ~10x slower than float32.
 
-    Each piece is normed in float32 (float32 tensors as they are; bfloat16/float16 upcast a chunk at a time,
-    since torch's upcasting norm kernels are as slow as float64 ones); a piece whose float32 p-th power sum
+    Each piece is normed in float32 (see :func:`_float32_pieces`); a piece whose float32 p-th power sum
     overflowed, underflowed or is NaN is normed again in float64. Reading which ones costs nothing on the CPU.
     """
     norms: list[Tensor] = []
-    for pieces in _float32_batches(group, dtype):
+    for pieces in _float32_pieces(group, dtype):
         fast = torch.stack(_norms(pieces, p, use_foreach)).to(torch.float64)
         power_sums = fast.pow(p)
         redo = ~((power_sums >= _LOWEST_ACCURATE_POWER_SUM) & torch.isfinite(power_sums))
@@ -135,22 +136,32 @@ def _fast_then_exact(group: list[Tensor], p: float, use_foreach: bool, dtype: to
     return norms
 
 
-def _float32_batches(group: list[Tensor], dtype: torch.dtype):
-    """``group`` in lists of float32 pieces: float32 tensors in one list; bfloat16/float16 upcast into pieces
-    of at most ``_CHUNK`` elements, yielded about ``_CHUNK`` elements at a time so little is upcast at once."""
-    if dtype == torch.float32:
-        yield group
-        return
-    batch, size = [], 0
+def _float32_pieces(group: list[Tensor], dtype: torch.dtype):
+    """``group`` as lists of float32 pieces whose p-combination is its norm, upcasting or copying at most
+    ``_CHUNK`` elements at a time. Float32 tensors are read in place by the foreach kernel, except small 1-D
+    ones, which are concatenated: one kernel instead of one per tensor (a view of an N-D tensor would cost
+    more than its kernel). Bfloat16/float16 tensors are upcast, small ones concatenated first, large ones a
+    chunk at a time: torch's upcasting norm kernels read as slowly as float64 ones."""
+    batch, size, in_place = [], 0, []
     for g in group:
-        for piece in g.reshape(-1).split(_CHUNK):
-            batch.append(piece.float())
-            size += piece.numel()
+        n = g.numel()
+        if n == 0:
+            continue
+        if dtype == torch.float32 and (n >= _SMALL or g.dim() != 1):
+            in_place.append(g)
+        elif n >= _CHUNK:
+            for piece in g.reshape(-1).split(_CHUNK):
+                yield [piece.float()]
+        else:
+            batch.append(g if g.dim() == 1 else g.reshape(-1))
+            size += n
             if size >= _CHUNK:
-                yield batch
+                yield [torch.cat(batch).float()]
                 batch, size = [], 0
     if batch:
-        yield batch
+        yield [torch.cat(batch).float()]
+    if in_place:
+        yield in_place
 
 
 def _max_scaled(values: Tensor, maxabs: Tensor, p: float) -> Tensor:
