@@ -11,11 +11,20 @@ from distclip._clip_grad import (
     clip_grads_with_norm_,
     get_total_norm,
 )
+from distclip._agc import AGC
+from distclip._clipper import ClipReport, GradClipper
 from distclip._module import clip_module_grad_norm_
+from distclip._policies import AutoClip, SpikeSkip, ZClip
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
+    "AutoClip",
+    "ClipReport",
+    "GradClipper",
+    "SpikeSkip",
+    "ZClip",
     "clip_grad_norm",
     "clip_grad_norm_",
     "clip_grad_value_",
