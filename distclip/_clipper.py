@@ -225,7 +225,7 @@ class GradClipper:
         ``norm_type`` and ``max_norm`` (every rank raises together if not). Every rank of the group must call.
         """
         self._unscale()
-        parameters, group = (_layout_of(self._module) if self._module is not None else (self._parameters, self._group))
+        parameters, group = _layout_of(self._module) if self._module is not None else (self._parameters, self._group)
         layout = _layout.of_parameters(parameters, group)
         norm = self._total_norm(layout)
         nonfinite = ~torch.isfinite(norm)
@@ -236,7 +236,7 @@ class GradClipper:
             )
         unit_norms = self._units.norms(parameters, layout, self._p, self.foreach, norm.device) if self._units else None
         decision = _policies.decide(self._policies, norm, self.max_norm)
-        skip = ~nonfinite & (norm > decision.skip_threshold)  # a non-finite norm is nonfinite='s to handle
+        skip = ~nonfinite & (norm > decision.skip_threshold)  # a non-finite norm: nonfinite= decides
         if self.nonfinite == "skip":
             skip = skip | nonfinite
         if self._policies:
@@ -331,7 +331,9 @@ class GradClipper:
         device = next(iter(self._counters.values())).device if self._counters else torch.device("cpu")
         fresh = _fresh_counters(device)
         if set(state_dict["counters"]) != set(fresh):
-            raise ValueError(f"distclip: the clipper's counters are {sorted(fresh)}, got {sorted(state_dict['counters'])}")
+            raise ValueError(
+                f"distclip: the clipper's counters are {sorted(fresh)}, got {sorted(state_dict['counters'])}"
+            )
         self._counters = {name: state_dict["counters"][name].to(device, torch.int64, copy=True) for name in fresh}
 
     def _unscale(self) -> None:
@@ -471,4 +473,5 @@ def _is_fsdp1(module: torch.nn.Module) -> bool:
 
 
 def _fresh_counters(device: torch.device) -> dict[str, Tensor]:
-    return {name: torch.zeros((), dtype=torch.int64, device=device) for name in ("steps", "clipped_steps", "skipped_steps")}
+    names = ("steps", "clipped_steps", "skipped_steps")
+    return {name: torch.zeros((), dtype=torch.int64, device=device) for name in names}

@@ -37,7 +37,9 @@ class GradClipperCallback(TrainerCallback):
     def __init__(self, max_norm: float, norm_type: float | str = 2.0, *, prefix: str = "grad/", **options: Any) -> None:
         taken = sorted(set(options) & set(_TRAINER_OWNS))
         if taken:
-            raise ValueError(f"distclip: under the Trainer the optimizer and GradScaler are the Trainer's; drop {taken}")
+            raise ValueError(
+                f"distclip: under the Trainer the optimizer and GradScaler are the Trainer's; drop {taken}"
+            )
         self.max_norm = max_norm
         self.norm_type = norm_type
         self.prefix = prefix
@@ -46,7 +48,9 @@ class GradClipperCallback(TrainerCallback):
         self.last_report: ClipReport | None = None
         self._saved: dict[str, Any] | None = None
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if args.max_grad_norm and args.max_grad_norm > 0:
             raise ValueError(
                 "distclip: TrainingArguments.max_grad_norm would clip before GradClipperCallback; pass max_grad_norm=0"
