@@ -45,9 +45,10 @@ _MAX_P = 1e4  # distclip's largest sharded norm type; the same bound holds on ev
 # The DeepSpeed optimizer attributes this module reads or replaces, by wrapper class. A release that renames one
 # must fail here, not leave DeepSpeed computing its own norm with clipping switched off.
 _STEP = ("step", "optimizer", "clip_grad")
+_ZERO = (*_STEP, "averaged_gradients", "dp_process_group", "loss_scale")
 _INTERNALS = {
-    "DeepSpeedZeroOptimizer": (*_STEP, "scaled_global_norm", "averaged_gradients", "dp_process_group", "loss_scale"),
-    "DeepSpeedZeroOptimizer_Stage3": (*_STEP, "_get_norm_groups", "averaged_gradients", "dp_process_group", "loss_scale"),
+    "DeepSpeedZeroOptimizer": (*_ZERO, "scaled_global_norm"),
+    "DeepSpeedZeroOptimizer_Stage3": (*_ZERO, "_get_norm_groups"),
     "BF16_Optimizer": (*_STEP, "dp_process_group"),
     "FP16_UnfusedOptimizer": (*_STEP, "fused_lamb_legacy"),
     "DeepSpeedEngine": ("clip_fp32_gradients", "_global_grad_norm"),  # stage 0 fp32: no wrapper
