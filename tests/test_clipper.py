@@ -584,3 +584,22 @@ def test_wrapped_models(worlds):
         factors = torch.clamp(0.05 * torch.clamp(rows_w.norm(dim=1), min=1e-3) / rows_g.norm(dim=1), max=1)
         torch.testing.assert_close(a, (rows_g * factors[:, None]).reshape(g.shape))
     assert len(r["fsdp1"]) == 2 and all("FSDP1" in e for e in r["fsdp1"])
+
+
+def _rank_raise_on_nonfinite():
+    """Rank 1's piece holds a NaN: with nonfinite="raise" both ranks raise, and no gradient changed."""
+    piece = torch.full((3,), 2.0 + dist.get_rank())
+    if dist.get_rank() == 1:
+        piece[1] = NAN
+    param = nn.Parameter(torch.zeros(3))
+    param.grad = piece.clone()
+    try:
+        distclip.GradClipper([param], 0.1, nonfinite="raise", group=dist.group.WORLD).clip_()
+    except RuntimeError as err:
+        return str(err), torch.equal(param.grad.nan_to_num(), piece.nan_to_num())
+    return None, False
+
+
+def test_sharded_nonfinite_raise_raises_on_every_rank(worlds):
+    for message, unchanged in worlds(2).run(_rank_raise_on_nonfinite):
+        assert message is not None and "non-finite" in message and unchanged
