@@ -64,6 +64,7 @@ def _lightning_run(callback, nan_at=None, max_steps=STEPS, ckpt_path=None, tmp_p
 
 
 def test_lightning_callback_clips_logs_and_skips():
+    pytest.importorskip("lightning.pytorch")
     from distclip.integrations.lightning import GradClipperCallback
 
     callback = GradClipperCallback(0.5, nonfinite="skip", norms="module")
@@ -77,6 +78,7 @@ def test_lightning_callback_clips_logs_and_skips():
 
 
 def test_lightning_callback_state_survives_a_checkpoint(tmp_path):
+    pytest.importorskip("lightning.pytorch")
     from distclip.integrations.lightning import GradClipperCallback
 
     first = GradClipperCallback(0.5, policy=distclip.ZClip(warmup_steps=2), log=False)
