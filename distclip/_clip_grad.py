@@ -139,15 +139,18 @@ def _total_norm_of(
     error_if_nonfinite: bool,
     foreach: bool | None,
     max_norm: float | None = None,
+    check_arguments: bool = True,
 ) -> Tensor:
     """The total norm of ``layout`` (before any scaling). ``max_norm``: the clip's, ``None`` for
-    ``get_total_norm``; in sharded mode every rank's arguments are compared in the same collective."""
+    ``get_total_norm``. In sharded mode every rank's arguments travel in the same collective and, with
+    ``check_arguments``, are compared on the host (a device-to-host read on accelerators)."""
     p = _partials.norm_order(norm_type, layout.sharded)
     if layout.sharded:
         device = _reduction.wire_device(layout.group)
         arguments = (p, -1.0 if max_norm is None else max_norm, float(bool(error_if_nonfinite)))
         rows = _reduction.gather_rows(_partials.local_row(layout.counted, p, foreach, device, arguments), layout.group)
-        _total_norm.check_agreement(rows)
+        if check_arguments:
+            _total_norm.check_agreement(rows)
         total = _total_norm.from_rows(rows, p).to(layout.grads[0].device if layout.grads else device)
     elif not layout.grads:
         return torch.tensor(0.0)

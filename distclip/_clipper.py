@@ -361,17 +361,13 @@ class GradClipper:
             )
 
     def _total_norm(self, layout: _layout.Layout) -> Tensor:
-        """The total norm through ``_clip_grad``'s stages. In a sharded layout, after the first call (which
-        checks that the ranks' arguments agree, reading them on the host), the same stages without that check.
-        """
-        if not layout.sharded or not self._arguments_checked:
-            total = _clip_grad._total_norm_of(layout, self.norm_type, False, self.foreach, self.max_norm)
-            self._arguments_checked = layout.sharded
-            return total
-        device = _reduction.wire_device(layout.group)
-        row = _partials.local_row(layout.counted, self._p, self.foreach, device, (self._p, self.max_norm, 0.0))
-        rows = _reduction.gather_rows(row, layout.group)
-        return _total_norm.from_rows(rows, self._p).to(layout.grads[0].device if layout.grads else device)
+        """The total norm through ``_clip_grad``'s stages. In a sharded layout only the first call checks
+        that the ranks' arguments agree, which reads them on the host; the clipper's arguments are fixed."""
+        total = _clip_grad._total_norm_of(
+            layout, self.norm_type, False, self.foreach, self.max_norm, check_arguments=not self._arguments_checked
+        )
+        self._arguments_checked = layout.sharded
+        return total
 
     def _agc_scale_(self, parameters: list[Any], layout: _layout.Layout, coefficient: Tensor, skip: Tensor) -> Tensor:
         """Scale every unit by the smaller of its AGC factor and ``coefficient`` (1 on a skipped step); return

@@ -18,7 +18,7 @@ def max_norm_value(max_norm: Any, sharded: bool) -> float:
     return value
 
 
-def clip_coefficient(max_norm: float, total_norm: Tensor) -> Tensor:
+def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor) -> Tensor:
     """``min(max_norm / (total_norm + 1e-6), 1)`` as a 0-d tensor beside ``total_norm``.
 
     Always applied, also when it is 1: a ``coef < 1`` test would synchronise the host with the device.

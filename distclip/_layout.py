@@ -232,7 +232,9 @@ def _mesh_group(dtensors: list[Tensor]) -> Any:
     if len(rank_sets) > 1:
         raise ValueError(
             "distclip: the DTensor gradients live on meshes over different ranks "
-            f"({', '.join(str(list(r)) for r in sorted(rank_sets))}); pass group= covering all of them"
+            f"({', '.join(str(list(r)) for r in sorted(rank_sets))}); pass group= covering all of them, and "
+            "declare the DTensors of the smaller meshes that are copies across the other ranks as "
+            '{"params": [...], "replicated_over": group} (their placements cannot say so), or they count twice'
         )
     (ranks,) = rank_sets
     world, world_size = _reduction.world()

@@ -1,6 +1,7 @@
 """``clip_module_grad_norm_``: clip a model's gradients however it is wrapped, reading the layout from the wrapper."""
 
 import sys
+from functools import reduce
 from typing import Any
 
 import torch
@@ -28,11 +29,13 @@ def clip_module_grad_norm_(
       ``NO_SHARD`` units counted once; no collective if nothing is sharded;
     - FSDP2 ``fully_shard`` and other DTensor parameters: from their placements, one ``all_reduce``.
 
-    Returns a plain 0-d tensor (for a DTensor norm, its value), the same on every rank of a wrapped model.
+    Returns a plain 0-d tensor (for a DTensor norm, its value), the same on every rank of a wrapped model, in
+    the dtype torch and FSDP return it in whatever the layout: the promoted dtype of the model's parameters.
     """
     parameters, group = _layout_of(module)
     norm = clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach, group=group)
-    return local_tensor(norm)
+    dtypes = {p.dtype for p in module.parameters()}
+    return local_tensor(norm).to(reduce(torch.promote_types, dtypes)) if dtypes else local_tensor(norm)
 
 
 def _layout_of(module: torch.nn.Module) -> tuple[list[Any], Any]:
