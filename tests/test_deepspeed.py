@@ -199,7 +199,7 @@ def test_error_if_nonfinite_raises_on_every_rank(ranks, stage):
 @requires_deepspeed
 def test_attach_refuses_what_it_cannot_clip_correctly(ranks):
     errors = ranks.world.run(attach_errors, timeout=TIMEOUT_S)[0]
-    for p in ("0", "-1.0", "-inf", "20000.0"):
+    for p in ("0", "-1.0", "-inf", "nan"):
         assert errors[f"norm_type={p}"].startswith("ValueError: distclip: norm_type="), errors
     assert errors["max_norm=-1"].startswith("ValueError: distclip: max_norm"), errors
     assert errors["attached twice"].startswith("RuntimeError: distclip: this engine is already attached"), errors
