@@ -1,15 +1,18 @@
-"""The ``distclip`` command line (``python -m distclip``). One subcommand for now: ``demo``."""
+"""The ``distclip`` command line (``python -m distclip``): ``demo`` and ``bench``."""
 
 import argparse
 import sys
 from collections.abc import Sequence
 
-from distclip import _demo
+from distclip import _bench, _demo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand and return its exit status."""
-    args = _parser().parse_args(_attach_norm_type(sys.argv[1:] if argv is None else list(argv)))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(_attach_norm_type(argv))
+    if args.command == "bench":
+        return _bench.run(_bench_config(args), " ".join(["distclip", *argv]))
     return _demo.run(
         _demo.Config(
             nproc=args.nproc,
@@ -44,7 +47,62 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
                       help="gloo (CPU, default) or nccl (one GPU per rank, cuda:LOCAL_RANK)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default 0)")
+    _add_bench(commands)
     return parser
+
+
+def _add_bench(commands) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="time clipping against torch, FSDP1 and the memory-bandwidth floor",
+        description=(
+            "Time distclip's clip against torch's foreach clip (one process), and with --nproc N >= 2 its sharded "
+            "clip against a hand-written one and FSDP1's on N gloo ranks, all against the memory-bandwidth floor "
+            "measured in the same run (read once for the norm, read and write once to scale). Variants are "
+            "interleaved; medians and minimums, peak extra memory, the targets of issue 8 with PASS/FAIL, a JSON "
+            "file and a plot. Reading guide: docs/benchmarks.md. Exit status 0 if the run completed."
+        ),
+    )
+    bench.add_argument("--nproc", type=_non_negative_int, default=2,
+                       help="gloo ranks for the sharded variants (default 2; 0 or 1: single process only)")
+    bench.add_argument("--workloads", default=",".join(_bench.WORKLOADS),
+                       help=f"comma list of {', '.join(_bench.WORKLOADS)} (default all)")
+    bench.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (default both)")
+    bench.add_argument("--norm-types", default="2,inf", help="comma list of p: numbers > 0 or inf (default 2,inf)")
+    bench.add_argument("--repeats", type=_positive_int, default=None,
+                       help="timed samples per variant (default 5, 2 with --quick); a sample repeats a cheap call "
+                            "until it lasts 20 ms")
+    bench.add_argument("--json", default="bench.json", metavar="PATH",
+                       help="where to write every measurement (default bench.json; '' for none)")
+    bench.add_argument("--plot", default="bench.png", metavar="PATH",
+                       help="where to write the plot, if matplotlib is installed (default bench.png; '' for none)")
+    bench.add_argument("--fsdp1-dtypes", default="bf16",
+                       help="dtypes on which FSDP1's clip is measured too (default bf16; '' for none)")
+    bench.add_argument("--quick", action="store_true", help="small sizes and few samples: a smoke run")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the gradients (default 0)")
+
+
+def _bench_config(args: argparse.Namespace) -> "_bench.Config":
+    def listed(text: str, allowed, what: str, empty_ok: bool = False) -> tuple[str, ...]:
+        if empty_ok and not text.strip():
+            return ()
+        try:
+            return _bench.parse_list(text, allowed, what)
+        except ValueError as err:
+            _parser().error(str(err))
+
+    return _bench.Config(
+        nproc=args.nproc,
+        workloads=listed(args.workloads, _bench.WORKLOADS, "--workloads"),
+        dtypes=listed(args.dtypes, tuple(_bench.DTYPES), "--dtypes"),
+        norm_types=listed(args.norm_types, None, "--norm-types"),
+        repeats=args.repeats or (2 if args.quick else 5),
+        json_path=args.json or None,
+        plot_path=args.plot or None,
+        quick=args.quick,
+        fsdp1_dtypes=listed(args.fsdp1_dtypes, tuple(_bench.DTYPES), "--fsdp1-dtypes", empty_ok=True),
+        seed=args.seed,
+    )
 
 
 def _attach_norm_type(argv: list[str]) -> list[str]:
@@ -73,3 +131,13 @@ def _norm_type(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, inf or -inf, got {text!r}") from None
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value

@@ -1,0 +1,79 @@
+"""``distclip bench`` run for real on a tiny configuration: single process and 2 gloo ranks.
+
+A smoke test of the suite's plumbing (the JSON's structure, every target printed): speed is never asserted.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+TIMEOUT_S = 120
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+TARGETS = ("parity", "sharded_gpt2_floor", "sharded_bf16_vs_fsdp1", "sharded_tiny_per_tensor", "sharded_inf_vs_p2",
+           "fast_path_gpt2", "fast_path_small", "fused_folding", "memory")
+RECORD_KEYS = {"mode", "nproc", "workload", "dtype", "norm_type", "variant", "tensors", "tensors_per_rank", "bytes",
+               "bytes_per_rank", "samples_s", "median_s", "min_s", "floor_s", "median_over_floor",
+               "min_over_floor", "peak_extra_bytes", "peak_extra_fraction"}
+
+
+def bench(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {name: value for name, value in os.environ.items() if name not in TORCHRUN_VARIABLES}
+    report_path = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "distclip", "bench", "--quick", "--repeats", "1", "--json", str(report_path),
+         "--plot", "", *args],
+        capture_output=True, text=True, timeout=TIMEOUT_S, env=env, check=False, cwd=tmp_path,
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    with open(report_path) as f:
+        return result, json.load(f)
+
+
+def target_lines(stdout: str) -> dict[str, str]:
+    """``key: status`` of every ``[STATUS] key: ...`` line."""
+    lines = {}
+    for line in stdout.splitlines():
+        if line.startswith("[") and "] " in line:
+            status, rest = line[1:].split("] ", 1)
+            lines[rest.split(":", 1)[0]] = status.strip()
+    return lines
+
+
+def check_report(report: dict, nproc: int, variants: set[str]) -> None:
+    assert report["config"]["nproc"] == nproc
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and machine["torch"]
+    assert len(machine["loadavg_start"]) == 3 and len(machine["loadavg_end"]) == 3
+    assert machine["single"]["read_GBps"] > 0 and machine["single"]["read_write_GBps"] > 0
+    assert {r["variant"] for r in report["results"]} == variants
+    for record in report["results"]:
+        assert RECORD_KEYS <= set(record), record
+        assert record["min_s"] > 0 and record["median_s"] >= record["min_s"] and record["floor_s"] > 0
+        if record["variant"] != "floor":
+            assert 1 <= len(record["samples_s"]) <= 3
+            assert record["peak_extra_bytes"] is None or record["peak_extra_bytes"] >= 0
+    assert [t["key"] for t in report["targets"]] == list(TARGETS)
+    assert {t["status"] for t in report["targets"]} <= {"PASS", "FAIL", "n/a"}
+
+
+def test_bench_single_process(tmp_path):
+    result, report = bench(tmp_path, "--nproc", "0", "--workloads", "tiny", "--dtypes", "fp32", "--norm-types", "2")
+    check_report(report, 0, {"torch", "distclip", "floor"})
+    statuses = target_lines(result.stdout)
+    assert set(TARGETS) <= set(statuses), result.stdout
+    assert statuses["parity"] in ("PASS", "FAIL") and statuses["memory"] in ("PASS", "FAIL"), result.stdout
+    assert statuses["sharded_gpt2_floor"] == "n/a" and "run with --nproc 2" in result.stdout
+
+
+def test_bench_two_ranks_with_fsdp1(tmp_path):
+    result, report = bench(tmp_path, "--nproc", "2", "--workloads", "tiny", "--dtypes", "bf16", "--norm-types", "2,inf")
+    check_report(report, 2, {"torch", "distclip", "floor", "distclip-sharded", "naive-sharded", "fsdp1",
+                             "distclip-fsdp1", "distclip-sharded-empty"})
+    assert report["machine"]["sharded"]["read_GBps"] > 0
+    sharded = [r for r in report["results"] if r["mode"] == "sharded"]
+    assert sharded and all(r["nproc"] == 2 and r["tensors_per_rank"] == 100 for r in sharded)
+    statuses = target_lines(result.stdout)
+    assert set(TARGETS) <= set(statuses), result.stdout
+    for key in ("sharded_bf16_vs_fsdp1", "sharded_tiny_per_tensor", "sharded_inf_vs_p2"):
+        assert statuses[key] in ("PASS", "FAIL"), result.stdout
