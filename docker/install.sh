@@ -61,6 +61,9 @@ install_gpu() {
   # Ops DeepSpeed finds incompatible are skipped with a warning; these are skipped outright: inference-only
   # kernels, and ops that need libraries a training image does not carry (CUTLASS, GPUDirect Storage).
   # A DS_BUILD_<OP> set in the environment wins.
+  # The build has no GPU to detect: without DS_ACCELERATOR=cuda DeepSpeed would pick its CPU accelerator and
+  # compile the CPU ops instead.
+  export DS_ACCELERATOR="${DS_ACCELERATOR:-cuda}"
   export DS_BUILD_OPS="${DS_BUILD_OPS:-1}"
   local skipped="${DS_SKIPPED_OPS:-EVOFORMER_ATTN CUTLASS_OPS GDS FP_QUANTIZER RAGGED_DEVICE_OPS RAGGED_OPS INFERENCE_CORE_OPS TRANSFORMER_INFERENCE SPATIAL_INFERENCE}"
   local op variable
@@ -70,7 +73,7 @@ install_gpu() {
   done
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;8.6;8.9;9.0+PTX}"
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  pip_install --constraint "$constraints" ninja packaging wheel
+  pip_install --constraint "$constraints" ninja packaging wheel "setuptools>=70.1"
   pip_install --constraint "$constraints" --no-build-isolation "$DEEPSPEED_REQUIREMENT"
   pip_install --constraint "$constraints" "${repo}[deepspeed]"
   rm -f "$constraints"
