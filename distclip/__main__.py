@@ -1,4 +1,4 @@
-"""``python -m distclip``: the command line (see :mod:`distclip._cli`)."""
+"""``python -m distclip``: the command line (see `distclip._cli`)."""
 
 from distclip._cli import main
 

@@ -1,7 +1,7 @@
 r"""Adaptive gradient clipping, unit-wise (Brock et al., 2021, "High-Performance Large-Scale Image Recognition
 Without Normalization", section 4.1).
 
-Every unit :math:`i` of a parameter :math:`W` and its gradient :math:`G` is scaled by
+Every unit `i` of a parameter `W` and its gradient `G` is scaled by
 
 .. math:: \min\left(1, \frac{\lambda \max(\|W_i\|_2, \epsilon)}{\max(\|G_i\|_2, 10^{-6})}\right)
 
@@ -38,9 +38,9 @@ _MIN_GRAD_NORM = 1e-6  # the paper's floor on ||G_i||, so that a zero gradient g
 @dataclass(frozen=True)
 class AGC:
     r"""Unit-wise adaptive gradient clipping: scale each unit by
-    :math:`\min(1, \lambda \max(\|W_i\|, \epsilon) / \|G_i\|)` with :math:`\lambda` = ``clipping``.
+    `\min(1, \lambda \max(\|W_i\|, \epsilon) / \|G_i\|)` with `\lambda` = ``clipping``.
 
-    Given to :class:`distclip.GradClipper` as a policy; the clipper's ``max_norm`` still bounds the global
+    Given to `distclip.GradClipper` as a policy; the clipper's ``max_norm`` still bounds the global
     norm (every unit is scaled by the smaller of its AGC factor and the global coefficient).
     """
 

@@ -124,7 +124,7 @@ class Workload:
 
 
 def workload(name: str, quick: bool = False, seed: int = 0) -> Workload:
-    """The workload ``name`` (see :data:`WORKLOADS`); ``quick``: the same structure, far fewer elements."""
+    """The workload ``name`` (see `WORKLOADS`); ``quick``: the same structure, far fewer elements."""
     if name == "gpt2":
         if quick:
             return _gpt2(vocab=2048, ctx=256, d=96, layers=12, title="GPT-2 small structure (quick sizes)")
@@ -444,7 +444,7 @@ def _record(
     threads: int, note: str = "",
 ) -> dict[str, Any]:
     """One measurement, with its group's side-by-side floor (``floor``: from the bandwidth kernels interleaved
-    with it); the floor proper, from the run's best bandwidths, is set at the end (:func:`_set_floor`)."""
+    with it); the floor proper, from the run's best bandwidths, is set at the end (`_set_floor`)."""
     median = statistics.median(times) if times else floor
     best = min(times) if times else floor
     return {

@@ -31,7 +31,7 @@ def get_total_norm(
     *,
     group: Any = None,
 ) -> Tensor:
-    r"""Return the p-norm of ``tensors`` viewed as one vector, :math:`\|(\|t_1\|_p, \ldots, \|t_k\|_p)\|_p`.
+    r"""Return the p-norm of ``tensors`` viewed as one vector, `\|(\|t_1\|_p, \ldots, \|t_k\|_p)\|_p`.
 
     Args:
         tensors: a tensor or an iterable of tensors (their values, not their ``.grad``).
@@ -41,14 +41,14 @@ def get_total_norm(
         group: ``None`` for this process's tensors alone, bitwise equal to
             ``torch.nn.utils.get_total_norm``. A process group (or ``torch.distributed.group.WORLD``) when
             each rank holds a disjoint piece of one vector: the result is the norm of the whole vector,
-            :math:`(\sum_r n_r^p)^{1/p}` over the ranks' local norms :math:`n_r` (max for inf, min for -inf),
+            `(\sum_r n_r^p)^{1/p}` over the ranks' local norms `n_r` (max for inf, min for -inf),
             the same float64 value on every rank, from one ``all_reduce`` of a few float64 values. Every
             rank of the group must call it, also one with no tensors.
 
     Returns:
-        A 0-d tensor: in single-process mode torch's result (dtype of the tensors, on the first tensor's
-        device; ``torch.tensor(0.0)`` for none); in sharded mode float64, on the first local tensor's device
-        (the reduction's device on a rank with none).
+        Tensor: the norm, 0-d. In single-process mode torch's result (the tensors' dtype, on the first
+            tensor's device; ``torch.tensor(0.0)`` for none); in sharded mode float64, on the first local
+            tensor's device (the reduction's device on a rank with none).
     """
     layout = _layout.of_tensors(_layout.as_list(tensors, "tensors"), group)
     return _total_norm.returned(_total_norm_of(layout, norm_type, error_if_nonfinite, foreach), layout)
@@ -61,10 +61,10 @@ def clip_grads_with_norm_(
     total_norm: Tensor,
     foreach: bool | None = None,
 ) -> None:
-    r"""Scale the gradients of ``parameters`` in place by :math:`\min(\text{max\_norm} / (\text{total\_norm} + 10^{-6}), 1)`.
+    r"""Scale the gradients of ``parameters`` in place by `\min(\text{max\_norm} / (\text{total\_norm} + 10^{-6}), 1)`.
 
     A drop-in for ``torch.nn.utils.clip_grads_with_norm_``; with ``total_norm`` from
-    :func:`get_total_norm` (``group=`` included) it completes a clip. Local only: no collective.
+    `get_total_norm` (``group=`` included) it completes a clip. Local only: no collective.
     """
     grads = _layout.local_grads(_layout.as_list(parameters, "parameters"))
     max_norm = _coefficient.max_norm_value(max_norm, sharded=False)
@@ -83,8 +83,8 @@ def clip_grad_norm_(
 ) -> Tensor:
     r"""Clip the gradient norm of ``parameters`` in place and return the norm before clipping.
 
-    The norm is :func:`get_total_norm` of the gradients (parameters without ``.grad`` are skipped), and every
-    gradient is multiplied by :math:`\min(\text{max\_norm} / (\text{norm} + 10^{-6}), 1)`.
+    The norm is `get_total_norm` of the gradients (parameters without ``.grad`` are skipped), and every
+    gradient is multiplied by `\min(\text{max\_norm} / (\text{norm} + 10^{-6}), 1)`.
 
     ``group=None``: bitwise equal to ``torch.nn.utils.clip_grad_norm_``. With a process group each rank
     passes its own shard of the gradients; the norm is the global one (one ``all_reduce``), the same on
@@ -109,7 +109,7 @@ def clip_grad_norm(
     *,
     group: Any = None,
 ) -> Tensor:
-    """Deprecated alias of :func:`clip_grad_norm_` (``FutureWarning``), as in ``torch.nn.utils``."""
+    """Deprecated alias of `clip_grad_norm_` (``FutureWarning``), as in ``torch.nn.utils``."""
     warnings.warn(
         "`distclip.clip_grad_norm` is now deprecated in favor of `distclip.clip_grad_norm_`.",
         FutureWarning,
@@ -124,7 +124,7 @@ def clip_grad_value_(
     clip_value: float,
     foreach: bool | None = None,
 ) -> None:
-    r"""Clamp every gradient of ``parameters`` in place to :math:`[-\text{clip\_value}, \text{clip\_value}]`.
+    r"""Clamp every gradient of ``parameters`` in place to `[-\text{clip\_value}, \text{clip\_value}]`.
 
     A drop-in for ``torch.nn.utils.clip_grad_value_``: elementwise, so it needs no collective in any layout.
     """

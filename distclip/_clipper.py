@@ -1,6 +1,6 @@
 r"""GradClipper: the clipping service of a training loop, over the stages of ``_clip_grad``.
 
-Every :meth:`GradClipper.clip_` runs, top to bottom:
+Every `GradClipper.clip_` runs, top to bottom:
 
     AMP unscale (GradScaler) -> layout -> total norm (one reduction when sharded) -> non-finite policy
         -> per-unit norms (on request) -> thresholds (_policies) -> coefficient -> scaling, or AGC's
@@ -8,7 +8,7 @@ Every :meth:`GradClipper.clip_` runs, top to bottom:
 
 Everything it computes stays on the gradients' device, as tensors: the thresholds and the decision to skip are
 functions of the global norm, which is the same on every rank, so every rank takes the same decisions and
-holds the same policy state without any host synchronisation. A :class:`ClipReport` is read by the user (or a
+holds the same policy state without any host synchronisation. A `ClipReport` is read by the user (or a
 logger) when it wants the numbers.
 """
 
@@ -35,11 +35,11 @@ _WRAPPER_NAMES = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_m
 
 @dataclass(frozen=True)
 class ClipReport:
-    """What one :meth:`GradClipper.clip_` did. Every field is a 0-d tensor on the gradients' device with the
+    """What one `GradClipper.clip_` did. Every field is a 0-d tensor on the gradients' device with the
     same value on every rank (``unit_norms``: one per unit), so building it never synchronises; reading a
-    value (``float()``, ``.item()``, :attr:`skipped`, ``as_dict(host=True)``) does.
+    value (``float()``, ``.item()``, `skipped`, ``as_dict(host=True)``) does.
 
-    - ``norm``: the pre-clip total norm, as :func:`distclip.clip_grad_norm_` returns it (the gradients' dtype
+    - ``norm``: the pre-clip total norm, as `distclip.clip_grad_norm_` returns it (the gradients' dtype
       on one process, float64 when sharded).
     - ``threshold``: this step's clip threshold, ``min(max_norm, every clip policy's threshold)`` (float64).
     - ``coefficient``: what the gradients are multiplied by, ``min(threshold / (norm + 1e-6), 1)``, and 1 on a
@@ -51,9 +51,9 @@ class ClipReport:
       non-finite norm); the gradients are then left unchanged.
     - ``skip_threshold``: the skip policies' threshold (``inf`` without any).
     - ``steps``, ``clipped_steps``, ``skipped_steps``: int64 counts over the clipper's life (restored by
-      :meth:`GradClipper.load_state_dict`).
+      `GradClipper.load_state_dict`).
     - ``unit_names``, ``unit_norms``: the pre-clip norms per parameter or per module, when asked.
-    - ``may_skip``: whether this clipper can skip at all; when not, :attr:`skipped` reads nothing.
+    - ``may_skip``: whether this clipper can skip at all; when not, `skipped` reads nothing.
     """
 
     norm: Tensor
@@ -114,14 +114,14 @@ class GradClipper:
     rank and without host synchronisation.
 
     Args:
-        target: a module, whose layout is read from its wrapper as :func:`distclip.clip_module_grad_norm_`
-            does (plain, DDP, FSDP1, FSDP2/DTensor), or parameters as :func:`distclip.clip_grad_norm_` takes
+        target: a module, whose layout is read from its wrapper as `distclip.clip_module_grad_norm_`
+            does (plain, DDP, FSDP1, FSDP2/DTensor), or parameters as `distclip.clip_grad_norm_` takes
             them (tensors, declared ``{"params": [...], "replicated_over": group}`` groups).
         max_norm: the fixed clip threshold (torch's semantics); ``inf`` leaves clipping to the policies.
         norm_type: p of the norms: a positive float, ``inf``, or ``-inf``.
         group: with parameters, the group they are sharded over (as ``clip_grad_norm_``'s ``group=``).
-        policy: one policy or a list: :class:`~distclip.AutoClip`, :class:`~distclip.ZClip` (clip thresholds;
-            the smallest threshold applies), :class:`~distclip.SpikeSkip` (skips), :class:`~distclip.AGC`
+        policy: one policy or a list: `distclip.AutoClip`, `distclip.ZClip` (clip thresholds;
+            the smallest threshold applies), `distclip.SpikeSkip` (skips), `distclip.AGC`
             (unit-wise, at most one).
         nonfinite: what a NaN or inf norm does. ``"propagate"``: torch's behaviour (the gradients become
             NaN). ``"raise"``: ``RuntimeError`` on every rank, before any gradient changes (this reads the norm
@@ -132,16 +132,16 @@ class GradClipper:
             ``all_reduce`` of ``16 * units * world_size`` bytes.
         scaler: a ``torch.amp.GradScaler``: the gradients are unscaled (``scaler.unscale_(optimizer)``) before
             they are measured; without ``optimizer`` they must already be.
-        optimizer: the optimizer that :meth:`step` steps (needed with ``scaler`` to unscale, and with
+        optimizer: the optimizer that `step` steps (needed with ``scaler`` to unscale, and with
             ``fused``).
-        fused: fold the coefficient into torch's fused Adam, AdamW or SGD (``fused=True``): :meth:`clip_`
-            leaves the gradients alone, and :meth:`step` passes ``grad_scale = 1 / coefficient`` and the skip
+        fused: fold the coefficient into torch's fused Adam, AdamW or SGD (``fused=True``): `clip_`
+            leaves the gradients alone, and `step` passes ``grad_scale = 1 / coefficient`` and the skip
             flag as ``found_inf`` to the fused kernel, which divides the gradients and skips the update on the
             device. The parameters after the step equal clip-then-step up to float rounding (a division by
             ``1 / coefficient`` instead of a multiplication by it).
-        foreach: as in :func:`distclip.clip_grad_norm_`.
+        foreach: as in `distclip.clip_grad_norm_`.
 
-    Collectives per :meth:`clip_` in a sharded layout: one for the norm, one more for per-unit norms, and with
+    Collectives per `clip_` in a sharded layout: one for the norm, one more for per-unit norms, and with
     AGC one per group that row-sharded tensors need plus one for the post-clip norm.
     """
 
@@ -218,7 +218,7 @@ class GradClipper:
 
     @torch.no_grad()
     def clip_(self) -> ClipReport:
-        """Measure, decide and clip this step's gradients (in place); return the :class:`ClipReport`.
+        """Measure, decide and clip this step's gradients (in place); return the `ClipReport`.
 
         No host synchronisation, except: ``nonfinite="raise"`` reads the norm, and in a sharded layout the
         first call reads the gathered arguments once, to check that every rank built its clipper with the same
@@ -312,7 +312,7 @@ class GradClipper:
             state["stage"] = OptState.STEPPED  # as scaler.step() leaves it: scaler.update() comes next
 
     def state_dict(self) -> dict[str, Any]:
-        """The counters and every threshold policy's state, as tensors; :meth:`load_state_dict` restores them,
+        """The counters and every threshold policy's state, as tensors; `load_state_dict` restores them,
         so a resumed run takes the same decisions as the uninterrupted one."""
         counters = self._counters if self._counters is not None else _fresh_counters(torch.device("cpu"))
         return {
@@ -321,7 +321,7 @@ class GradClipper:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` of a clipper built with the same policies."""
+        """Restore a `state_dict` of a clipper built with the same policies."""
         saved = [entry["type"] for entry in state_dict["policies"]]
         built = [type(p).__name__ for p in self._policies]
         if saved != built:

@@ -257,7 +257,7 @@ def _check(before: Tensor, after: Tensor, norms: Tensor, config: Config) -> Step
     """Compare a sharded clip with float64 math on the whole gradient.
 
     ``before``/``after``: the unsharded gradient before and after the clip; ``norms``: each rank's returned
-    norm. The norm must be within ``_NORM_RTOL`` of :func:`_reference_norm` of ``before`` and bitwise the same
+    norm. The norm must be within ``_NORM_RTOL`` of `_reference_norm` of ``before`` and bitwise the same
     on every rank, and ``after`` must be ``before * min(max_norm / (norm + 1e-6), 1)``, up to float32 rounding
     (and underflow: differences below the smallest normal float32 are not errors of the coefficient).
     """

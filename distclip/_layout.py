@@ -1,6 +1,6 @@
 """Layout: which gradient pieces this rank holds, which of them it counts, and the group they are reduced over.
 
-Every call is translated here into one :class:`Layout`:
+Every call is translated here into one `Layout`:
 
 - plain tensors and ``group=None``: this process holds the whole vector (torch's single-process clip);
 - plain tensors and ``group=<ProcessGroup>``: each rank's tensors are its own disjoint pieces of one vector;

@@ -20,7 +20,7 @@ def clip_module_grad_norm_(
 ) -> Tensor:
     r"""Clip the gradients of ``module`` by their global norm and return that norm (before clipping).
 
-    The layout comes from the wrapper, and the result is :func:`distclip.clip_grad_norm_` over it:
+    The layout comes from the wrapper, and the result is `distclip.clip_grad_norm_` over it:
 
     - a plain module or ``DistributedDataParallel`` (its gradients are replicated): the local clip, bitwise
       ``torch.nn.utils.clip_grad_norm_(module.parameters(), ...)``, no collective;

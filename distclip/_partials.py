@@ -4,7 +4,7 @@ Single-process mode takes the per-tensor norms exactly as ``torch.nn.utils`` doe
 the gradients' own dtype). Sharded mode needs the rank's local norm accurate over the whole float32 range: on
 accelerators from float64 kernels; on the CPU, where those read ~10x slower, from float32 kernels with the
 pieces that overflowed or underflowed normed again in float64. The local norm goes, with the call's
-arguments, into this rank's row of the reduction (:data:`ROW`).
+arguments, into this rank's row of the reduction (`ROW`).
 """
 
 import math
@@ -54,7 +54,7 @@ def _norms(group: list[Tensor], p: float, use_foreach: bool, dtype: torch.dtype 
 def local_row(
     grads: list[Tensor], p: float, foreach: bool | None, device: torch.device, arguments: tuple[float, ...]
 ) -> Tensor:
-    """This rank's row of the reduction (see :data:`ROW`): a float64 vector on ``device``.
+    """This rank's row of the reduction (see `ROW`): a float64 vector on ``device``.
 
     The local norm is ``||(||g_1||_p, ..., ||g_k||_p)||_p`` over the non-empty local tensors, every norm in
     float64 (max |x| for inf, min |x| for -inf); empty tensors (an empty FSDP shard) hold no element and
@@ -124,7 +124,7 @@ _LOWEST_ACCURATE_POWER_SUM = 2.0**-60
 def _fast_then_exact(group: list[Tensor], p: float, use_foreach: bool, dtype: torch.dtype) -> list[Tensor]:
     """Float64 norms of pieces of ``group`` on the CPU, where float64 norm kernels read ~10x slower than float32.
 
-    Each piece is normed in float32 (see :func:`_float32_pieces`); a piece whose float32 p-th power sum
+    Each piece is normed in float32 (see `_float32_pieces`); a piece whose float32 p-th power sum
     overflowed, underflowed or is NaN is normed again in float64. Reading which ones costs nothing on the CPU.
     """
     norms: list[Tensor] = []

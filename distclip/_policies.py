@@ -1,8 +1,8 @@
 r"""Threshold policies: adaptive clipping thresholds and spike skipping, computed from the global norm alone.
 
-A policy sees one number per step, the pre-clip total norm :math:`g_t` (a 0-d tensor, the same bits on every
-rank), and returns the norm above which it acts: a clip threshold (:class:`AutoClip`, :class:`ZClip`) or a
-skip threshold (:class:`SpikeSkip`). Its state (histories, EMAs, counters) is a few tensors on the norm's
+A policy sees one number per step, the pre-clip total norm `g_t` (a 0-d tensor, the same bits on every
+rank), and returns the norm above which it acts: a clip threshold (`AutoClip`, `ZClip`) or a
+skip threshold (`SpikeSkip`). Its state (histories, EMAs, counters) is a few tensors on the norm's
 device, updated with branch-free tensor arithmetic, so a decision never synchronises the host with the device
 and every rank holds the same state bits. ``state_dict()`` returns those tensors; loading them restores the
 exact same future decisions.
@@ -24,8 +24,8 @@ _F64 = torch.float64
 class Policy:
     """Base of the threshold policies: state handling shared by all of them.
 
-    Subclasses set :attr:`action` (``"clip"``: the threshold caps the norm; ``"skip"``: a norm above it skips
-    the step), and implement :meth:`_initial_state` and :meth:`_decide`.
+    Subclasses set `action` (``"clip"``: the threshold caps the norm; ``"skip"``: a norm above it skips
+    the step), and implement `_initial_state` and `_decide`.
     """
 
     action: ClassVar[str] = "clip"
@@ -47,7 +47,7 @@ class Policy:
         return {name: value.clone() for name, value in state.items()}
 
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Restore a :meth:`state_dict`; it must come from a policy of the same type and configuration."""
+        """Restore a `state_dict`; it must come from a policy of the same type and configuration."""
         expected = self._initial_state(torch.device("cpu"))
         if set(state_dict) != set(expected):
             raise ValueError(
@@ -84,12 +84,12 @@ class AutoClip(Policy):
     Networks"): the threshold is the ``percentile``-th percentile of every global norm seen so far, the current
     one included.
 
-    The history is kept as a histogram of :math:`\log_2 g` with ``bins_per_octave`` bins per power of two
-    over :math:`[2^{\text{min\_exponent}}, 2^{\text{max\_exponent}})` (norms outside fall into the end bins):
+    The history is kept as a histogram of `\log_2 g` with ``bins_per_octave`` bins per power of two
+    over `[2^{\text{min\_exponent}}, 2^{\text{max\_exponent}})` (norms outside fall into the end bins):
     memory is fixed, ``(max_exponent - min_exponent) * bins_per_octave`` int64 counts (32 KiB by default),
     however long the run. The threshold is the upper edge of the bin that holds the nearest-rank percentile
-    :math:`x_{(k)}`, :math:`k = \lceil q n / 100 \rceil` of the :math:`n` norms seen: never below it and
-    less than :math:`2^{1/\text{bins\_per\_octave}}` times it (2.2% above at most by default). The paper uses
+    `x_{(k)}`, `k = \lceil q n / 100 \rceil` of the `n` norms seen: never below it and
+    less than `2^{1/\text{bins\_per\_octave}}` times it (2.2% above at most by default). The paper uses
     NumPy's interpolated percentile of the full history; the nearest rank is one of the two order statistics
     it interpolates between.
     """
@@ -133,17 +133,17 @@ class ZClip(Policy):
     z-score against exponential moving statistics passes ``z_threshold``.
 
     Warm-up: the first ``warmup_steps`` finite norms are recorded and not clipped (threshold ``inf``; the
-    clipper's ``max_norm`` still applies); then :math:`\mu` and :math:`\sigma^2` start as their mean and
-    (population) variance. After it, with :math:`z_t = (g_t - \mu) / (\sigma + \text{eps})`:
+    clipper's ``max_norm`` still applies); then `\mu` and `\sigma^2` start as their mean and
+    (population) variance. After it, with `z_t = (g_t - \mu) / (\sigma + \text{eps})`:
 
-    - threshold :math:`\tau_t = \mu + z_{thr}^2 \sigma / z_t` if :math:`z_t > z_{thr}` (the paper's
+    - threshold `\tau_t = \mu + z_{thr}^2 \sigma / z_t` if `z_t > z_{thr}` (the paper's
       reciprocal "adaptive scaling": the further the spike, the harder the clip), else ``inf``;
-    - the statistics follow the clipped norm :math:`x_t = \min(g_t, \tau_t)`:
-      :math:`\mu \leftarrow \alpha\mu + (1-\alpha)x_t`, then
-      :math:`\sigma^2 \leftarrow \alpha\sigma^2 + (1-\alpha)(x_t - \mu)^2` with the updated :math:`\mu`.
+    - the statistics follow the clipped norm `x_t = \min(g_t, \tau_t)`:
+      `\mu \leftarrow \alpha\mu + (1-\alpha)x_t`, then
+      `\sigma^2 \leftarrow \alpha\sigma^2 + (1-\alpha)(x_t - \mu)^2` with the updated `\mu`.
 
-    State: the warm-up buffer (``warmup_steps`` float64), the count of finite norms, :math:`\mu`,
-    :math:`\sigma^2`.
+    State: the warm-up buffer (``warmup_steps`` float64), the count of finite norms, `\mu`,
+    `\sigma^2`.
     """
 
     alpha: float = 0.97
@@ -194,9 +194,9 @@ class ZClip(Policy):
 class SpikeSkip(Policy):
     r"""Skip the step when the norm is an outlier against a window of recent norms.
 
-    With :math:`m` and :math:`s` the mean and sample standard deviation of the last ``window`` norms of steps
+    With `m` and `s` the mean and sample standard deviation of the last ``window`` norms of steps
     that were not skipped by this policy, the step is skipped on every rank when
-    :math:`g_t > m + \text{sigma} \cdot s`, once at least ``min_history`` norms are in the window (before
+    `g_t > m + \text{sigma} \cdot s`, once at least ``min_history`` norms are in the window (before
     that the threshold is ``inf``). A skipped norm stays out of the window, so one spike does not widen it.
     State: the ring buffer (``window`` float64) and the count of recorded norms.
     """
@@ -242,7 +242,7 @@ class Decision:
 
 
 def decide(policies: list[Policy], norm: Tensor, max_norm: float) -> Decision:
-    """Every policy's threshold for ``norm``, combined (see :class:`Decision`). No host synchronisation."""
+    """Every policy's threshold for ``norm``, combined (see `Decision`). No host synchronisation."""
     clip = torch.full((), max_norm, dtype=_F64, device=norm.device)
     skip = torch.full((), math.inf, dtype=_F64, device=norm.device)
     for policy in policies:

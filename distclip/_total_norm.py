@@ -19,7 +19,7 @@ def combine(norms: list[Tensor], p: float, device: torch.device) -> Tensor:
 def from_rows(rows: Tensor, p: float) -> Tensor:
     r"""The total norm (float64, 0-d, beside ``rows``) from every rank's row.
 
-    :math:`(\sum_r n_r^p)^{1/p}` over the local norms of the ranks that hold elements, computed as
+    `(\sum_r n_r^p)^{1/p}` over the local norms of the ranks that hold elements, computed as
     ``m * ||n / m||_p`` so that no p overflows; the max for inf, the min for -inf; NaN if any rank's norm is
     NaN; 0 if no rank holds an element. Every rank holds the same rows, so every rank gets the same bits.
     """

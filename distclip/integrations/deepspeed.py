@@ -1,11 +1,11 @@
 r"""DeepSpeed: clip a DeepSpeed engine's gradients through distclip, for ZeRO stages 0 to 3.
 
-After :func:`attach`, every ``engine.step()`` at a gradient-accumulation boundary clips the gradients by
+After `attach`, every ``engine.step()`` at a gradient-accumulation boundary clips the gradients by
 distclip's norm of the whole averaged gradient (any p > 0, or inf), with no change to the training
 loop. Where the norm comes from depends on how DeepSpeed holds the gradients at step time:
 
 - ZeRO 1 and 2 (``DeepSpeedZeroOptimizer``), ZeRO 3 (``DeepSpeedZeroOptimizer_Stage3``): each rank owns a
-  partition of the averaged gradients. :func:`distclip.get_total_norm` over the optimizer's data-parallel group
+  partition of the averaged gradients. `distclip.get_total_norm` over the optimizer's data-parallel group
   takes the place of DeepSpeed's L2 norm inside its ``step()``, so DeepSpeed's overflow check, loss scaling and
   ``get_global_grad_norm()`` all see distclip's norm (one all_reduce, as before).
 - ZeRO 1 with bf16 parameters and fp32 gradient accumulation (``BF16_Optimizer``): the fp32 gradient partitions
@@ -15,12 +15,12 @@ loop. Where the norm comes from depends on how DeepSpeed holds the gradients at 
   steps on, with no collective. Stage 0 with fp16 is refused: there DeepSpeed 0.19 divides gradients by a loss
   scale it never applied (deepspeedai/DeepSpeed#8393), so no gradient is the unscaled one.
 
-The clip itself is :func:`distclip.clip_grads_with_norm_` in a step pre-hook of the torch optimizer that
+The clip itself is `distclip.clip_grads_with_norm_` in a step pre-hook of the torch optimizer that
 DeepSpeed wraps, on the unscaled fp32 gradients it is about to consume. DeepSpeed's own clipping is off for
 the duration of each step; steps that DeepSpeed skips (fp16 overflow) are skipped as before and report inf.
 
 This is the one module that reaches into DeepSpeed beyond its documented API (the optimizer wrappers' norm
-methods and attributes in ``_INTERNALS``), so :func:`attach` refuses DeepSpeed versions and configurations it
+methods and attributes in ``_INTERNALS``), so `attach` refuses DeepSpeed versions and configurations it
 was not tested with, and internals that are missing, rather than clip by a wrong norm.
 """
 
@@ -59,7 +59,7 @@ _attached: "weakref.WeakKeyDictionary[Any, ClipHandle]" = weakref.WeakKeyDiction
 
 @dataclass(eq=False)
 class ClipHandle:
-    """What :func:`attach` returns. ``last_norm``: the pre-clip norm of the last optimizer step (``None``
+    """What `attach` returns. ``last_norm``: the pre-clip norm of the last optimizer step (``None``
     before the first; inf for a step DeepSpeed skipped); ``detach()``: give the engine its own clipping back.
     """
 
@@ -79,7 +79,7 @@ class ClipHandle:
 def attach(engine: Any, max_norm: float, norm_type: float | str = 2.0, error_if_nonfinite: bool = False) -> ClipHandle:
     r"""Clip ``engine``'s gradients through distclip at every optimizer step, until ``detach()``.
 
-    The gradients are scaled by :math:`\min(\text{max\_norm} / (\text{norm} + 10^{-6}), 1)`, where norm is the
+    The gradients are scaled by `\min(\text{max\_norm} / (\text{norm} + 10^{-6}), 1)`, where norm is the
     ``norm_type``-norm of the whole gradient averaged over the data-parallel ranks (of the unscaled gradients
     under fp16 loss scaling), the same on every rank. It replaces the config's ``gradient_clipping`` while
     attached, and ``engine.get_global_grad_norm()`` reports it. For norm type 2 the result is DeepSpeed's own
@@ -93,7 +93,7 @@ def attach(engine: Any, max_norm: float, norm_type: float | str = 2.0, error_if_
             NaN or inf. Under fp16 such steps are overflow steps, which DeepSpeed skips before any norm.
 
     Raises:
-        ImportError: DeepSpeed is not installed, or its version is outside :data:`TESTED_VERSIONS`.
+        ImportError: DeepSpeed is not installed, or its version is outside `TESTED_VERSIONS`.
         NotImplementedError: a configuration this integration does not handle (offload, MoE, model or pipeline
             parallelism, torch autocast, ...); the message names it.
     """

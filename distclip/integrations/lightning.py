@@ -1,4 +1,4 @@
-"""PyTorch Lightning: clip through a :class:`distclip.GradClipper` in ``on_before_optimizer_step``.
+"""PyTorch Lightning: clip through a `distclip.GradClipper` in ``on_before_optimizer_step``.
 
 Lightning calls the hook after the backward pass (and after unscaling under 16-bit AMP) and before the
 optimizer step, for each optimizer step of automatic optimisation. The callback clips the model as its strategy
@@ -26,16 +26,17 @@ _LIGHTNING_OWNS = ("optimizer", "scaler", "fused")
 
 
 class GradClipperCallback(Callback):
-    """Clip every optimizer step with a :class:`distclip.GradClipper` built on the first step.
+    """Clip every optimizer step with a `distclip.GradClipper` built on the first step.
 
     Args:
-        max_norm, norm_type: as :class:`distclip.GradClipper`'s.
+        max_norm: as `distclip.GradClipper`'s.
+        norm_type: as `distclip.GradClipper`'s.
         log: log ``report.as_dict(prefix)`` every step (``on_step=True``).
         prefix: the prefix of the logged names.
         **options: the clipper's other keyword arguments (``policy``, ``nonfinite``, ``norms``, ``foreach``);
             the optimizer and GradScaler are Lightning's, and its optimizer step cannot take a fused fold.
 
-    ``last_report`` holds the last step's :class:`distclip.ClipReport`.
+    ``last_report`` holds the last step's `distclip.ClipReport`.
     """
 
     def __init__(self, max_norm: float, norm_type: float | str = 2.0, *, log: bool = True, prefix: str = "grad/",

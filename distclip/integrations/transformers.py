@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers``: clip through a :class:`distclip.GradClipper` in ``on_pre_optimizer_step``.
+"""Hugging Face ``transformers``: clip through a `distclip.GradClipper` in ``on_pre_optimizer_step``.
 
 The Trainer calls the hook at each gradient-accumulation boundary, right before ``optimizer.step()``, with the
 gradients already unscaled under fp16 AMP (the Trainer measures them through Accelerate, which unscales). The
@@ -25,10 +25,11 @@ _TRAINER_OWNS = ("optimizer", "scaler", "fused")
 
 
 class GradClipperCallback(TrainerCallback):
-    """Clip every optimizer step with a :class:`distclip.GradClipper` built on the first step.
+    """Clip every optimizer step with a `distclip.GradClipper` built on the first step.
 
     Args:
-        max_norm, norm_type: as :class:`distclip.GradClipper`'s.
+        max_norm: as `distclip.GradClipper`'s.
+        norm_type: as `distclip.GradClipper`'s.
         prefix: the prefix of the names added to the logs.
         **options: the clipper's other keyword arguments (``policy``, ``nonfinite``, ``norms``, ``foreach``);
             the optimizer and GradScaler are the Trainer's.
