@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from test_launch import JOB_VARIABLES, _free_port, _output, check_steps
+from test_launch import JOB_VARIABLES, _free_port, _output, check_steps, wait_all
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_TIMEOUT_S = 600
@@ -91,15 +91,7 @@ def test_the_compose_job_runs_its_two_nodes(tmp_path):
         environment = {key: hosts.get(str(value), str(value)) for key, value in service["environment"].items()}
         nodes.append(subprocess.Popen(service["command"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       cwd=REPO, env=_env(**environment)))
-    results = []
-    try:
-        for node in nodes:
-            stdout, stderr = node.communicate(timeout=RUN_TIMEOUT_S)
-            results.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr))
-    finally:
-        for node in nodes:
-            node.kill()
-            node.wait(timeout=30)
+    results = wait_all(nodes, RUN_TIMEOUT_S)
     output = _output(*results)
     assert [r.returncode for r in results] == [0, 0], output
     world = sum(int(services[name]["environment"]["NPROC_PER_NODE"]) for name in services)

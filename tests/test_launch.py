@@ -23,7 +23,6 @@ import re
 import socket
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +88,20 @@ def _output(*results: subprocess.CompletedProcess) -> str:
                      for r in results)
 
 
+def wait_all(processes: list[subprocess.Popen], timeout: float) -> list[subprocess.CompletedProcess]:
+    """Each process's result, each waited for up to ``timeout`` s; any still running at the end is killed."""
+    results = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(timeout=30)
+    return results
+
+
 def check_steps(stdout: str, context: str, world: int = WORLD, steps: int = STEPS, all_ranks: bool = True) -> None:
     """Every rank (``all_ranks``; else rank 0, which prints without a rank) printed steps 1..steps with a finite
     loss, all ranks the same norm bits at each step, and the first step matches :func:`reference`."""
@@ -134,15 +147,7 @@ def test_two_torchrun_agents_meet_as_two_nodes():
                          env=_env(NODE_RANK=str(node_rank), **common))
         for node_rank in (1, 0)
     ]
-    results = []
-    try:
-        for node in nodes:
-            stdout, stderr = node.communicate(timeout=TIMEOUT_S)
-            results.append(subprocess.CompletedProcess(command, node.returncode, stdout, stderr))
-    finally:
-        for node in nodes:
-            node.kill()
-            node.wait(timeout=30)
+    results = wait_all(nodes, TIMEOUT_S)
     output = _output(*results)
     assert [r.returncode for r in results] == [0, 0], output
     # Each agent's output holds its own process's lines: one rank each, together ranks 0 and 1.
