@@ -95,12 +95,16 @@ def _float64_norms(grads: list[Tensor], p: float, foreach: bool | None) -> list[
 
 
 def _extreme_abs(group: list[Tensor], p: float, use_foreach: bool) -> list[Tensor]:
-    # max |x| (inf) or min |x| (-inf) is exact in any dtype. For large tensors on the CPU, aminmax reads about
-    # 6x faster than the inf-norm kernel.
-    if p > 0 and group[0].device.type == "cpu":
-        return [torch.stack(torch.aminmax(g)).abs().amax() if g.numel() >= _CHUNK else
-                torch.linalg.vector_norm(g, p) for g in group]
-    return _norms(group, p, use_foreach)
+    """max |x| (inf) or min |x| (-inf) of pieces of ``group``: exact in any dtype. On the CPU the inf norm is
+    read with aminmax over batched pieces, since torch's inf-norm kernels read ~6x slower and cost a kernel per
+    tensor; -inf keeps the norm kernel, as |x| of a piece would be a temporary its size."""
+    if group[0].device.type != "cpu":
+        return _norms(group, p, use_foreach)
+    return [
+        torch.stack(torch.aminmax(piece)).abs().amax() if p > 0 else torch.linalg.vector_norm(piece, p)
+        for pieces in _cpu_pieces(group, group[0].dtype, upcast=False)
+        for piece in pieces
+    ]
 
 
 def _exact_norms(group: list[Tensor], p: float, use_foreach: bool) -> list[Tensor]:
@@ -124,11 +128,11 @@ _LOWEST_ACCURATE_POWER_SUM = 2.0**-60
 def _fast_then_exact(group: list[Tensor], p: float, use_foreach: bool, dtype: torch.dtype) -> list[Tensor]:
     """Float64 norms of pieces of ``group`` on the CPU, where float64 norm kernels read ~10x slower than float32.
 
-    Each piece is normed in float32 (see `_float32_pieces`); a piece whose float32 p-th power sum
+    Each piece is normed in float32 (see `_cpu_pieces`); a piece whose float32 p-th power sum
     overflowed, underflowed or is NaN is normed again in float64. Reading which ones costs nothing on the CPU.
     """
     norms: list[Tensor] = []
-    for pieces in _float32_pieces(group, dtype):
+    for pieces in _cpu_pieces(group, dtype):
         fast = torch.stack(_norms(pieces, p, use_foreach)).to(torch.float64)
         power_sums = fast.pow(p)
         redo = ~((power_sums >= _LOWEST_ACCURATE_POWER_SUM) & torch.isfinite(power_sums))
@@ -138,18 +142,23 @@ def _fast_then_exact(group: list[Tensor], p: float, use_foreach: bool, dtype: to
     return norms
 
 
-def _float32_pieces(group: list[Tensor], dtype: torch.dtype):
-    """``group`` as lists of float32 pieces whose p-combination is its norm, upcasting or copying at most
-    ``_CHUNK`` elements at a time. Float32 tensors are read in place by the foreach kernel, except small 1-D
-    ones, which are concatenated: one kernel instead of one per tensor (a view of an N-D tensor would cost
-    more than its kernel). Bfloat16/float16 tensors are upcast, small ones concatenated first, large ones a
-    chunk at a time: torch's upcasting norm kernels read as slowly as float64 ones."""
+def _cpu_pieces(group: list[Tensor], dtype: torch.dtype, upcast: bool = True):
+    """``group`` as lists of pieces whose norm combines to its norm, float32 when ``upcast``, with at most
+    ``_CHUNK`` elements upcast or copied at a time. For float32 norms, float32 tensors are read in place except
+    small 1-D ones, which are concatenated: one kernel instead of one per tensor (a view of an N-D tensor would
+    cost more than its norm kernel); bfloat16/float16 tensors are upcast, small ones concatenated first, large
+    ones a chunk at a time (torch's upcasting norm kernels read as slowly as float64 ones). Without ``upcast``
+    (max |x|, whose aminmax costs ~10 us a call) every tensor under ``_CHUNK`` elements is concatenated."""
     batch, size, in_place = [], 0, []
     for g in group:
         n = g.numel()
         if n == 0:
             continue
-        if dtype == torch.float32 and (n >= _SMALL or g.dim() != 1):
+        if upcast:
+            read_in_place = dtype == torch.float32 and (n >= _SMALL or g.dim() != 1)
+        else:
+            read_in_place = n >= _CHUNK
+        if read_in_place:
             in_place.append(g)
         elif n >= _CHUNK:
             for piece in g.reshape(-1).split(_CHUNK):
@@ -158,12 +167,17 @@ def _float32_pieces(group: list[Tensor], dtype: torch.dtype):
             batch.append(g if g.dim() == 1 else g.reshape(-1))
             size += n
             if size >= _CHUNK:
-                yield [torch.cat(batch).float()]
+                yield [_joined(batch, upcast)]
                 batch, size = [], 0
     if batch:
-        yield [torch.cat(batch).float()]
+        yield [_joined(batch, upcast)]
     if in_place:
         yield in_place
+
+
+def _joined(batch: list[Tensor], upcast: bool) -> Tensor:
+    joined = torch.cat(batch)
+    return joined.float() if upcast else joined
 
 
 def _max_scaled(values: Tensor, maxabs: Tensor, p: float) -> Tensor:
