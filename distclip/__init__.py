@@ -9,6 +9,7 @@ from distclip._clip_grad import (
     clip_grad_norm_,
     clip_grad_value_,
     clip_grads_with_norm_,
+    fast_clip_grad_norm_,
     get_total_norm,
 )
 from distclip._agc import AGC
@@ -30,5 +31,6 @@ __all__ = [
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "clip_module_grad_norm_",
+    "fast_clip_grad_norm_",
     "get_total_norm",
 ]

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from distclip import _threads
 from distclip._checks import as_float
 from distclip._foreach import kernel_groups
 
@@ -43,6 +44,12 @@ def tensor_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[
     for _, _, group, use_foreach in kernel_groups(tensors, foreach):
         norms.extend(_norms(group, p, use_foreach))
     return norms
+
+
+def part_norms(parts: list[list[Tensor]], p: float, use_foreach: bool) -> Tensor:
+    """`tensor_norms` of one device/dtype group split into ``parts`` (`_threads.split`), as one vector in
+    order: the same kernel per tensor, the parts on threads at once."""
+    return torch.cat(_threads.map_parts(lambda part: torch.stack(_norms(part, p, use_foreach)), parts))
 
 
 def _norms(group: list[Tensor], p: float, use_foreach: bool, dtype: torch.dtype | None = None) -> list[Tensor]:

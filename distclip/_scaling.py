@@ -3,18 +3,27 @@
 import torch
 from torch import Tensor
 
+from distclip import _threads
 from distclip._foreach import kernel_groups
 
 
 def scale_(grads: list[Tensor], coefficient: Tensor, foreach: bool | None) -> None:
     """``g *= coefficient`` for every gradient, one foreach kernel per device/dtype group."""
     for device, _, group, use_foreach in kernel_groups(grads, foreach):
-        coefficient_on_device = coefficient.to(device)
-        if use_foreach:
-            torch._foreach_mul_(group, coefficient_on_device)
-        else:
-            for g in group:
-                g.mul_(coefficient_on_device)
+        _scale_group_(group, coefficient.to(device), use_foreach)
+
+
+def _scale_group_(group: list[Tensor], coefficient: Tensor, use_foreach: bool) -> None:
+    if use_foreach:
+        torch._foreach_mul_(group, coefficient)
+    else:
+        for g in group:
+            g.mul_(coefficient)
+
+
+def scale_parts_(parts: list[list[Tensor]], coefficient: Tensor, use_foreach: bool) -> None:
+    """`scale_` of one device/dtype group split into ``parts`` (`_threads.split`), the parts on threads at once."""
+    _threads.map_parts(lambda part: _scale_group_(part, coefficient, use_foreach), parts)
 
 
 def clamp_(grads: list[Tensor], clip_value: float, foreach: bool | None) -> None:

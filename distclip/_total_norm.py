@@ -16,6 +16,11 @@ def combine(norms: list[Tensor], p: float, device: torch.device) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), p)
 
 
+def combine_vectors(vectors: list[Tensor], p: float, device: torch.device) -> Tensor:
+    """`combine` of per-tensor norms given as vectors (`_partials.part_norms`): the same input, the same bits."""
+    return torch.linalg.vector_norm(torch.cat([v.to(device) for v in vectors]), p)
+
+
 def from_rows(rows: Tensor, p: float) -> Tensor:
     r"""The total norm (float64, 0-d, beside ``rows``) from every rank's row.
 

@@ -442,6 +442,7 @@ def _rank_invalid_layouts():
         declared_total=_attempt(
             lambda: distclip.get_total_norm([{"params": [plain.grad], "replicated_over": mesh.get_group()}]),
             params),
+        fast_dtensor=_attempt(lambda: distclip.fast_clip_grad_norm_([plain, sharded], 1.0), params),
     )
 
 
@@ -848,10 +849,12 @@ def test_expert_parallel_moe_counts_each_expert_once(worlds):
 def test_invalid_layouts_raise_value_error_on_every_rank(worlds, world_size):
     """A DTensor gradient with a Partial placement (``clip_grad_norm_``, ``get_total_norm``,
     ``clip_module_grad_norm_``) and declared replicas with group=None (``clip_grad_norm_``,
-    ``get_total_norm``): ValueError on every rank, naming the problem, before any collective (so no rank is
+    ``get_total_norm``), and DTensor gradients given to ``fast_clip_grad_norm_`` (one process's plain
+    gradients only): ValueError on every rank, naming the problem, before any collective (so no rank is
     left waiting in one), gradients unchanged."""
     expected = {"partial_clip": "Partial", "partial_total": "Partial", "partial_module": "Partial",
-                "declared_clip": "group=", "declared_total": "group="}
+                "declared_clip": "group=", "declared_total": "group=",
+                "fast_dtensor": "use distclip.clip_grad_norm_"}
     results = worlds(world_size).run(_rank_invalid_layouts)
     for r, res in enumerate(results):
         assert set(res) == set(expected)

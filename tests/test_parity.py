@@ -67,13 +67,13 @@ def as_form(params: list, form: str):
             "tensor": lambda: params[0]}[form]()
 
 
-def compare(spec: Spec, name: str, form: str = "list", **kwargs) -> object:
-    """Run ``name`` from torch.nn.utils and from distclip on twin parameters and assert parity."""
-    theirs, ours = spec.build(), spec.build()
+def compare(spec: Spec, name: str, form: str = "list", ours=None, **kwargs) -> object:
+    """Run ``name`` from torch.nn.utils and from distclip (or ``ours``) on twin parameters and assert parity."""
+    theirs, ours_params = spec.build(), spec.build()
     their_grads = [p.grad for p in theirs]
-    our_grads = [p.grad for p in ours]
+    our_grads = [p.grad for p in ours_params]
     expected, their_warnings = call(getattr(tnu, name), as_form(theirs, form), **kwargs)
-    got, our_warnings = call(getattr(distclip, name), as_form(ours, form), **kwargs)
+    got, our_warnings = call(getattr(distclip, name) if ours is None else ours, as_form(ours_params, form), **kwargs)
     if isinstance(expected, Exception):
         assert type(got) is type(expected) and str(got) == str(expected), (got, expected)
     elif isinstance(expected, torch.Tensor):
@@ -82,7 +82,7 @@ def compare(spec: Spec, name: str, form: str = "list", **kwargs) -> object:
     else:
         assert got is None and expected is None
     assert our_warnings == [(c, m.replace("torch.nn.utils", "distclip"), f, n) for c, m, f, n in their_warnings]
-    for p, q, g_ours, g_theirs in zip(ours, theirs, our_grads, their_grads):
+    for p, q, g_ours, g_theirs in zip(ours_params, theirs, our_grads, their_grads):
         assert p.grad is g_ours, "gradients must be changed in place, not replaced"
         if g_theirs is not None:
             assert_bitwise(p.grad, q.grad)
