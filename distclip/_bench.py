@@ -63,9 +63,6 @@ MODEL_WORKLOADS = ("gpt2", "llama")
 _COLLECTIVE_TIMEOUT = timedelta(seconds=300)
 _SCALE = 1e-3  # gradients are N(0, 1e-3): every element a normal float, far from overflow and from denormals
 _MAX_NORM = 1e-2  # below every workload's first norm, so the first call clips (coef < 1)
-# Names under which an opt-in single-process fast path (issue 8, item 4) would be exposed; none is built yet.
-FAST_PATH_FUNCTIONS = ("fast_clip_grad_norm_",)
-FAST_PATH_KEYWORDS = ("fast",)
 # Peak extra memory allowed to a distclip clip (item 7): O(number of tensors), no gradient-sized temporary.
 # The constant covers the 1 MiB float32 chunks of a bf16 sharded norm (two may be alive at once).
 MEMORY_CONSTANT_BYTES = 4 << 20
@@ -441,7 +438,7 @@ class _Meter:
 def _record(
     mode: str, nproc: int, wl: Workload, dtype: str, p: float, variant: str, times: list[float] | None,
     calls: int, nbytes: int, bytes_per_rank: int, tensors_per_rank: int, floor: float, peak: int | None,
-    threads: int, note: str = "",
+    threads: int, note: str = "", rel_error: float | None = None,
 ) -> dict[str, Any]:
     """One measurement, with its group's side-by-side floor (``floor``: from the bandwidth kernels interleaved
     with it); the floor proper, from the run's best bandwidths, is set at the end (`_set_floor`)."""
@@ -456,6 +453,7 @@ def _record(
         "floor_side_s": floor, "min_over_side_floor": best / floor,
         "peak_extra_bytes": peak,
         "peak_extra_fraction": None if peak is None else peak / max(bytes_per_rank, 1),
+        "rel_error": rel_error,
         "note": note,
     }
 
@@ -479,27 +477,22 @@ def _usable_cores() -> int:
 
 
 def _single_variants(params: list[Tensor], p: float) -> dict[str, Callable[[], Any]]:
-    variants = {
+    return {
         "torch": lambda: torch.nn.utils.clip_grad_norm_(params, _MAX_NORM, p, foreach=None),
         "distclip": lambda: distclip.clip_grad_norm_(params, _MAX_NORM, p),
+        "distclip-fast": lambda: distclip.fast_clip_grad_norm_(params, _MAX_NORM, p),
     }
-    fast = fast_path()
-    if fast is not None:
-        variants["distclip-fast"] = lambda: fast(params, _MAX_NORM, p)
-    return variants
 
 
-def fast_path() -> Callable[..., Any] | None:
-    """The opt-in single-process fast path (issue 8, item 4), if distclip exposes one; ``None``: not built."""
-    for name in FAST_PATH_FUNCTIONS:
-        if hasattr(distclip, name):
-            return getattr(distclip, name)
-    signature = inspect.signature(distclip.clip_grad_norm_).parameters
-    for keyword in FAST_PATH_KEYWORDS:
-        if keyword in signature:
-            return lambda params, max_norm, p, keyword=keyword: distclip.clip_grad_norm_(
-                params, max_norm, p, **{keyword: True})
-    return None
+def _relative_errors(variants: dict[str, Callable[[], Any]], grads: list[Tensor], p: float) -> dict[str, float]:
+    """Each variant's returned norm against the float64 norm of the gradients it was given (one call each)."""
+    errors = {}
+    for name, call in variants.items():
+        reference = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g, p, dtype=torch.float64) for g in grads]), p).item()
+        got = float(call())
+        errors[name] = 0.0 if got == reference else abs(got - reference) / abs(reference)
+    return errors
 
 
 def fused_folding_available() -> bool:
@@ -528,8 +521,10 @@ def _run_single(config: Config, out: "_Printer") -> tuple[list[dict[str, Any]], 
                 variants = _single_variants(params, p)
                 times, calls, peaks = meter.group(variants)
                 floor = meter.last.floor(nbytes)
+                errors = _relative_errors(variants, grads, p)
                 group = [_record("single", 1, wl, dtype_name, p, variant, times[variant], calls[variant], nbytes,
-                                 nbytes, len(wl.shapes), floor, peaks[variant], threads) for variant in variants]
+                                 nbytes, len(wl.shapes), floor, peaks[variant], threads, rel_error=errors[variant])
+                         for variant in variants]
                 group.append(_record("single", 1, wl, dtype_name, p, "floor", None, 0, nbytes, nbytes,
                                      len(wl.shapes), floor, None, threads))
                 out.group(group)
@@ -837,12 +832,11 @@ def targets(records: list[dict[str, Any]], config: Config) -> list[Target]:
         text = f"opt-in fast path (one process) >= {goal:g}x faster than torch on {label}"
         f = _one(records, mode="single", variant="distclip-fast", workload=name, dtype="fp32", norm_type="2")
         t = _one(records, mode="single", variant="torch", workload=name, dtype="fp32", norm_type="2")
-        if fast_path() is None:
-            found.append(Target(key, "4", text, "n/a", None, "n/a: not built yet (distclip exposes no fast path)"))
-        elif f and t:
+        if f and t:
             speedup = t["min_s"] / f["min_s"]
             found.append(Target(key, "4", text, _verdict(speedup >= goal), speedup,
-                                f"{speedup:.2f}x faster on minimums (median {t['median_s'] / f['median_s']:.2f}x)"))
+                                f"{speedup:.2f}x faster on minimums (median {t['median_s'] / f['median_s']:.2f}x); "
+                                f"relative error vs float64 {f['rel_error']:.1e} (torch {t['rel_error']:.1e})"))
         else:
             found.append(Target(key, "4", text, "n/a", None, f"n/a: needs the {name} workload, fp32 and p=2"))
 
@@ -956,7 +950,8 @@ class _Printer:
     def group(self, group: list[dict[str, Any]]) -> None:
         """One progress line: each variant's median (min) time."""
         first = group[0]
-        times = ", ".join(f"{r['variant']} {_fmt_time(r['median_s'])} ({_fmt_time(r['min_s'])})"
+        times = ", ".join(f"{r['variant']} {_fmt_time(r['median_s'])} ({_fmt_time(r['min_s'])}"
+                          + ("" if r.get("rel_error") is None else f", error {r['rel_error']:.1e}") + ")"
                           for r in group if r["variant"] != "floor")
         floor = next((f"; side-by-side floor {_fmt_time(r['floor_side_s'])}" for r in group
                       if r["variant"] == "floor"), "")
@@ -966,12 +961,12 @@ class _Printer:
         self.line()
         self.line(f"== {title} ==")
         self.line(f"{'workload':<8} {'dtype':<5} {'p':<4} {'variant':<24} {'median':>10} {'min':>10} "
-                  f"{'med/' + over:>10} {'min/' + over:>10} {'min/side':>8}  {'peak extra (of grads)':<22} vs (min)")
+                  f"{'med/' + over:>10} {'min/' + over:>10} {'min/side':>8}  {'peak extra (of grads)':<22} {'error':>8} vs (min)")
         for r in rows:
             if r["variant"] == "floor":
                 best = f", side-by-side floor {_fmt_time(r['floor_side_s'])}" if r.get("floor_side_s") else ""
                 self.line(f"{r['workload']:<8} {r['dtype']:<5} {r['norm_type']:<4} {'floor':<24} "
-                          f"{_fmt_time(r['floor_s']):>10} {'':>10} {'':>10} {'':>10} {'':>8}  {'':<22} "
+                          f"{_fmt_time(r['floor_s']):>10} {'':>10} {'':>10} {'':>10} {'':>8}  {'':<22} {'':>8} "
                           f"{_fmt_bytes(r['bytes_per_rank'])} a process{best}")
                 continue
             peak = "" if r["peak_extra_bytes"] is None else (
@@ -981,9 +976,10 @@ class _Printer:
                        None)
             versus = f"{r['min_s'] / ref['min_s']:.3f}x {ref['variant']}" if ref else ""
             best = f"{r['min_over_side_floor']:.2f}" if r.get("min_over_side_floor") and r["mode"] != "fused" else ""
+            error = "" if r.get("rel_error") is None else f"{r['rel_error']:.1e}"
             self.line(f"{r['workload']:<8} {r['dtype']:<5} {r['norm_type']:<4} {r['variant']:<24} "
                       f"{_fmt_time(r['median_s']):>10} {_fmt_time(r['min_s']):>10} "
-                      f"{r['median_over_floor']:>10.2f} {r['min_over_floor']:>10.2f} {best:>8}  {peak:<22} {versus}")
+                      f"{r['median_over_floor']:>10.2f} {r['min_over_floor']:>10.2f} {best:>8}  {peak:<22} {error:>8} {versus}")
 
 
 def plot(report: dict[str, Any], path: str) -> str | None:
