@@ -97,7 +97,7 @@ def clip_grad_norm_(
     layout = _layout.of_parameters(_layout.parameter_list(parameters, stacklevel=4), group)
     max_norm = _coefficient.max_norm_value(max_norm, layout.sharded)
     total_norm = _total_norm_of(layout, norm_type, error_if_nonfinite, foreach, max_norm)
-    _clip_(layout.grads, max_norm, total_norm, foreach)
+    _clip_(layout.scaled, max_norm, total_norm, foreach)
     return _total_norm.returned(total_norm, layout)
 
 
@@ -201,7 +201,7 @@ def _total_norm_of(
     if layout.sharded:
         device = _reduction.wire_device(layout.group)
         arguments = (p, -1.0 if max_norm is None else max_norm, float(bool(error_if_nonfinite)))
-        rows = _reduction.gather_rows(_partials.local_row(layout.counted, p, foreach, device, arguments), layout.group)
+        rows = _reduction.gather_rows(_partials.local_row(layout.norm_pieces, p, foreach, device, arguments), layout.group)
         if check_arguments:
             _total_norm.check_agreement(rows)
         total = _total_norm.from_rows(rows, p).to(layout.grads[0].device if layout.grads else device)

@@ -250,7 +250,7 @@ class GradClipper:
             clipped = (coefficient < 1) | (post_norm < norm)
         else:
             if layout.grads and not self.fused:
-                _scaling.scale_(layout.grads, coefficient, self.foreach)
+                _scaling.scale_(layout.scaled, coefficient, self.foreach)
             post_norm = norm * coefficient
             clipped = coefficient < 1
         counters = self._count(clipped, skip, norm.device)

@@ -39,7 +39,8 @@ class Layout:
     ``counted``: those whose elements this rank contributes to the norm (a replica only on its owner).
     ``group``: the group the contributions are reduced over; ``None``: no collective, this process holds the
     whole vector. ``mesh``/``dtype``: for a call whose tensors are all DTensors on one mesh, the norm is
-    returned as a replicated DTensor of torch's dtype on that mesh.
+    returned as a replicated DTensor of torch's dtype on that mesh. ``flat``: in sharded mode, one tensor
+    viewing exactly the elements of ``grads`` (all counted) when they are the consecutive views of one buffer.
     """
 
     grads: list[Tensor]
@@ -48,10 +49,21 @@ class Layout:
     world_size: int = 1
     mesh: Any = None
     dtype: torch.dtype | None = None
+    flat: Tensor | None = None
 
     @property
     def sharded(self) -> bool:
         return self.group is not None
+
+    @property
+    def norm_pieces(self) -> list[Tensor]:
+        """What the local norm reads: ``counted``, or the one ``flat`` view of them."""
+        return self.counted if self.flat is None else [self.flat]
+
+    @property
+    def scaled(self) -> list[Tensor]:
+        """What the scaling writes: ``grads``, or the one ``flat`` view of them."""
+        return self.grads if self.flat is None else [self.flat]
 
 
 class NotATensorError(TypeError, AttributeError):
@@ -166,7 +178,28 @@ def _plain_layout(tensors: list[Tensor], group: Any) -> Layout:
     if group is None:
         return Layout(tensors, tensors)
     _, world_size = _reduction.membership(group)
-    return Layout(tensors, tensors, group, world_size)
+    return Layout(tensors, tensors, group, world_size, flat=_one_view(tensors))
+
+
+def _one_view(tensors: list[Tensor]) -> Tensor | None:
+    """A 1-D tensor viewing exactly the elements of ``tensors``, if they are contiguous and each starts where
+    the one before ends, in one storage: the views of a flat buffer (ZeRO partitions, FSDP1 flat shards, DDP
+    buckets, the pieces of a flattened model). One kernel then reads them all for the norm and one scales them,
+    instead of one per tensor; their values are the same elements, so the norm is the same up to rounding."""
+    if len(tensors) < 2:
+        return None
+    first = tensors[0]
+    dtype, strided, start = first.dtype, torch.strided, first.data_ptr()
+    end = start
+    for t in tensors:
+        if t.layout is not strided or t.data_ptr() != end or t.dtype is not dtype or not t.is_contiguous():
+            return None
+        end += t.nbytes
+    storage = first.untyped_storage()
+    # Neighbouring addresses alone could be two allocations side by side: the range must lie in first's storage.
+    if start == end or not storage.data_ptr() <= start < end <= storage.data_ptr() + storage.nbytes():
+        return None
+    return first.new_empty(0).set_(storage, first.storage_offset(), ((end - start) // first.element_size(),))
 
 
 def _layout(entries: list[tuple[Tensor, tuple]], group: Any) -> Layout:
