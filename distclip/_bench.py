@@ -64,7 +64,7 @@ _COLLECTIVE_TIMEOUT = timedelta(seconds=300)
 _SCALE = 1e-3  # gradients are N(0, 1e-3): every element a normal float, far from overflow and from denormals
 _MAX_NORM = 1e-2  # below every workload's first norm, so the first call clips (coef < 1)
 # Peak extra memory allowed to a distclip clip (item 7): O(number of tensors), no gradient-sized temporary.
-# The constant covers the 1 MiB float32 chunks of a bf16 sharded norm (two may be alive at once).
+# The constant covers the 1 MiB float32 buffer of a sharded CPU norm and an inf norm's batch of small tensors.
 MEMORY_CONSTANT_BYTES = 4 << 20
 MEMORY_BYTES_PER_TENSOR = 1024
 
