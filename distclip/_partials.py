@@ -144,7 +144,7 @@ def _fast_then_exact(group: list[Tensor], p: float, use_foreach: bool, dtype: to
     pieces, sums, exact = [], [], []
     for batch in _batches(group, True):
         size = sum(t.numel() for t in batch)
-        if size > buffer.numel():  # a large non-contiguous tensor: float64 kernel rather than a copy of it
+        if size > buffer.numel() or batch[0].dim() != 1:  # large, not contiguous: float64 kernel, not a copy
             exact.extend(_exact_norms(batch, p, use_foreach=False))
             continue
         powers = buffer[:size]

@@ -859,7 +859,7 @@ def _large_gradients(rank, dtype):
     gen = torch.Generator().manual_seed(7 + rank)
     # Equal elements are the hard case for a kernel that accumulates in a few running float32 sums.
     return [torch.full((1 << 21,), 0.1 * (rank + 1)).to(dtype), (torch.randn(1 << 20, generator=gen) * 3).to(dtype),
-            torch.full((1000, 300), 0.3).to(dtype).t()]
+            torch.full((1000, 300), 0.3).to(dtype).t(), (torch.randn(512, 512, generator=gen) * 1e20).to(dtype).t()]
 
 
 def _rank_large_norms(dtype, norm_types):
@@ -871,7 +871,7 @@ def _rank_large_norms(dtype, norm_types):
 def test_large_tensors_meet_the_accuracy_contract(worlds, dtype):
     """API.md: relative error under 1e-5 against float64, also for tensors of millions of equal elements,
     where torch's float32 norm kernels are off by 4e-4 (2M elements, p=2)."""
-    norm_types = [2.0, 1.0, 3.0, 0.5]
+    norm_types = [2.0, 1.0, 3.0, 0.5, 9.0]
     results = worlds(2).run(_rank_large_norms, dtype, norm_types)
     values = torch.cat([g.double().reshape(-1) for rank in range(2) for g in _large_gradients(rank, dtype)])
     for i, p in enumerate(norm_types):
