@@ -878,3 +878,19 @@ def test_large_tensors_meet_the_accuracy_contract(worlds, dtype):
         reference = torch.linalg.vector_norm(values, p).item()
         for rank, norms in enumerate(results):
             assert abs(norms[i] - reference) / reference < 1e-6, (dtype, p, rank, norms[i], reference)
+
+
+def test_one_view_only_for_consecutive_contiguous_views_of_one_storage():
+    from distclip._layout import _one_view
+
+    buffer = torch.arange(12.0)
+    assert torch.equal(_one_view([buffer[:5], buffer[5:9].view(2, 2), buffer[9:]]), buffer)
+    assert torch.equal(_one_view([buffer[2:4], buffer[4:7]]), buffer[2:7])  # a part of the buffer
+    assert _one_view([buffer[:4]]) is None  # one tensor is its own view already
+    assert _one_view([buffer[0:4:2], buffer[4:8]]) is None  # strided: its elements are not its byte range
+    assert _one_view([buffer[4:8], buffer[:4]]) is None  # out of order
+    assert _one_view([buffer[:4], buffer[4:8].view(torch.int32)]) is None  # another dtype over the same bytes
+    assert _one_view([buffer[:4], torch.zeros(4)]) is None  # another storage
+    assert _one_view([buffer[:0], buffer[:0]]) is None  # no element
+    sparse = torch.sparse_coo_tensor([[0]], [1.0], (3,))
+    assert _one_view([sparse, buffer[:3]]) is None and _one_view([buffer[:3], sparse]) is None
