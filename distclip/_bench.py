@@ -285,6 +285,9 @@ def peak_extra_bytes(fn: Callable[[], Any]) -> int | None:
     profiler could not say."""
     from torch.profiler import ProfilerActivity, profile
 
+    # Kineto (torch 2.13) writes two "USDT: ... profiler_start/stop" lines to stderr per profiled call unless
+    # its log level is above 5; a value the user set is kept.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             result = fn()
