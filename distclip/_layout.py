@@ -106,7 +106,7 @@ def parameter_list(parameters: Tensor | Iterable[Any], stacklevel: int) -> list:
 def of_parameters(parameters: list, group: Any) -> Layout:
     """The layout of the gradients of ``parameters`` (tensors, or declared parameter groups)."""
     try:
-        grads = [p.grad for p in parameters if p.grad is not None]
+        grads = [g for g in [p.grad for p in parameters] if g is not None]
     except AttributeError:  # declared parameter groups (dicts), or something that is not a parameter
         return _layout(_entries(parameters, grads_of), group)
     return _plain_layout(grads, group)
@@ -122,7 +122,7 @@ def of_tensors(tensors: list, group: Any) -> Layout:
 def local_grads(parameters: list) -> list[Tensor]:
     """Every local gradient tensor of ``parameters``, DTensors as their local shards: what scaling changes."""
     try:
-        grads = [p.grad for p in parameters if p.grad is not None]
+        grads = [g for g in [p.grad for p in parameters] if g is not None]
     except AttributeError:  # declared parameter groups: scaling needs their tensors, not their groups
         grads = [t for t, _ in _entries(parameters, grads_of)]
     return grads if _dtensor_type(grads) is None else [local_tensor(g) for g in grads]
@@ -131,7 +131,7 @@ def local_grads(parameters: list) -> list[Tensor]:
 def grads_of(parameters: list) -> list[Tensor]:
     """The ``.grad`` of every parameter that has one, in order."""
     try:
-        return [p.grad for p in parameters if p.grad is not None]
+        return [g for g in [p.grad for p in parameters] if g is not None]
     except AttributeError:
         for i, p in enumerate(parameters):
             if not hasattr(p, "grad"):
