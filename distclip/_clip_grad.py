@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from distclip import _coefficient, _layout, _partials, _reduction, _scaling, _threads, _total_norm
-from distclip._foreach import kernel_groups
 from distclip._checks import as_float
+from distclip._foreach import kernel_groups
 
 _TensorOrTensors = Tensor | Iterable[Tensor]
 
