@@ -137,9 +137,9 @@ def fast_clip_grad_norm_(
         )
     max_norm = _coefficient.max_norm_value(max_norm, sharded=False)
     p = _partials.norm_order(norm_type, sharded=False)
+    workers = _threads.worker_count(threads)
     if not layout.grads:
         return torch.tensor(0.0)
-    workers = _threads.worker_count(threads)
     groups = [
         (device, _threads.split(group, workers if use_foreach and device.type == "cpu" else 1), use_foreach)
         for device, _, group, use_foreach in kernel_groups(layout.grads, None)

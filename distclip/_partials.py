@@ -95,7 +95,7 @@ def _float64_norms(grads: list[Tensor], p: float, foreach: bool | None) -> list[
         if math.isinf(p):
             norms.append(torch.stack(_extreme_abs(group, p, use_foreach)).to(torch.float64))
         elif device.type == "cpu" and dtype != torch.float64:
-            norms.extend(_fast_then_exact(group, p, use_foreach, dtype))
+            norms.extend(_fast_then_exact(group, p, dtype))
         else:
             norms.append(torch.stack(_exact_norms(group, p, use_foreach)))
     return norms
@@ -130,7 +130,7 @@ _CHUNK = 1 << 18
 _LOWEST_ACCURATE_POWER_SUM = 2.0**-60
 
 
-def _fast_then_exact(group: list[Tensor], p: float, use_foreach: bool, dtype: torch.dtype) -> list[Tensor]:
+def _fast_then_exact(group: list[Tensor], p: float, dtype: torch.dtype) -> list[Tensor]:
     r"""Float64 norms of pieces of a float32/bfloat16/float16 CPU ``group``, where float64 kernels read ~10x
     slower than float32 ones.
 
@@ -144,7 +144,9 @@ def _fast_then_exact(group: list[Tensor], p: float, use_foreach: bool, dtype: to
     pieces, sums, exact = [], [], []
     for batch in _batches(group, True):
         size = sum(t.numel() for t in batch)
-        if size > buffer.numel() or batch[0].dim() != 1:  # large, not contiguous: float64 kernel, not a copy
+        # A large non-contiguous tensor, which `_batches` yields whole: the float64 kernel reads it in place,
+        # where copying it into the buffer would take a temporary its size.
+        if size > buffer.numel() or batch[0].dim() != 1:
             exact.extend(_exact_norms(batch, p, use_foreach=False))
             continue
         powers = buffer[:size]
@@ -170,9 +172,10 @@ def _fast_then_exact(group: list[Tensor], p: float, use_foreach: bool, dtype: to
 
 
 def _batches(group: list[Tensor], split_large: bool):
-    """``group``'s elements as lists of 1-D tensors of at most ``_CHUNK`` elements together: tensors under
-    ``_CHUNK`` elements side by side, larger ones alone, in chunks of ``_CHUNK`` when ``split_large`` (a
-    non-contiguous one whole: flattening it would copy it)."""
+    """``group``'s non-empty tensors as lists of pieces: tensors under ``_CHUNK`` elements flattened and side
+    by side, at most ``_CHUNK`` elements a list; a larger tensor alone, whole, or with ``split_large`` (when it
+    is contiguous) as 1-D chunks of ``_CHUNK`` elements, one a list (flattening a non-contiguous one would copy
+    it)."""
     batch, size = [], 0
     for g in group:
         n = g.numel()

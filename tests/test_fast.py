@@ -79,6 +79,8 @@ def test_bad_threads_is_a_value_error(bad):
     params = mixed().build()
     with pytest.raises(ValueError, match="threads must be a positive int"):
         distclip.fast_clip_grad_norm_(params, 1.0, threads=bad)
+    with pytest.raises(ValueError, match="threads must be a positive int"):  # also with nothing to clip
+        distclip.fast_clip_grad_norm_([], 1.0, threads=bad)
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 7, 50])
