@@ -857,27 +857,34 @@ def test_views_of_one_buffer_norm_and_scale_like_separate_tensors(worlds, norm_t
 
 def _large_gradients(rank, dtype):
     gen = torch.Generator().manual_seed(7 + rank)
-    # Equal elements are the hard case for a kernel that accumulates in a few running float32 sums.
+    # Equal elements are the hard case for a kernel that accumulates in a few running float32 sums; the last two
+    # values are the worst found for rows of 1024 elements (p = 1 and 0.5: 1.5e-5 of error), 8x the length used.
     return [torch.full((1 << 21,), 0.1 * (rank + 1)).to(dtype), (torch.randn(1 << 20, generator=gen) * 3).to(dtype),
-            torch.full((1000, 300), 0.3).to(dtype).t(), (torch.randn(512, 512, generator=gen) * 1e20).to(dtype).t()]
+            torch.full((1000, 300), 0.3).to(dtype).t(), (torch.randn(512, 512, generator=gen) * 1e20).to(dtype).t(),
+            torch.full((1 << 20,), 0.13203048706054688).to(dtype), torch.full((1 << 20,), 0.2698335647583008).to(dtype)]
 
 
 def _rank_large_norms(dtype, norm_types):
     grads = _large_gradients(dist.get_rank(), dtype)
-    return [distclip.get_total_norm(grads, p, group=dist.group.WORLD).item() for p in norm_types]
+    return [[distclip.get_total_norm(gs, p, group=dist.group.WORLD).item() for gs in [grads, *([g] for g in grads)]]
+            for p in norm_types]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_tensors_meet_the_accuracy_contract(worlds, dtype):
     """API.md: relative error under 1e-5 against float64, also for tensors of millions of equal elements,
-    where torch's float32 norm kernels are off by 4e-4 (2M elements, p=2)."""
+    where torch's float32 norm kernels are off by 4e-4 (2M elements, p=2): the norm of all the tensors (within
+    1e-6), and of each tensor alone, where one kind of element does not hide another's error."""
     norm_types = [2.0, 1.0, 3.0, 0.5, 9.0]
     results = worlds(2).run(_rank_large_norms, dtype, norm_types)
-    values = torch.cat([g.double().reshape(-1) for rank in range(2) for g in _large_gradients(rank, dtype)])
+    by_rank = [_large_gradients(rank, dtype) for rank in range(2)]
+    sets = [[g for grads in by_rank for g in grads], *zip(*by_rank)]
     for i, p in enumerate(norm_types):
-        reference = torch.linalg.vector_norm(values, p).item()
-        for rank, norms in enumerate(results):
-            assert abs(norms[i] - reference) / reference < 1e-6, (dtype, p, rank, norms[i], reference)
+        for j, tensors in enumerate(sets):
+            reference = torch.linalg.vector_norm(torch.cat([g.double().reshape(-1) for g in tensors]), p).item()
+            for rank, norms in enumerate(results):
+                error = abs(norms[i][j] - reference) / reference
+                assert error < (1e-6 if j == 0 else 1e-5), (dtype, p, j, rank, norms[i][j], reference)
 
 
 def test_one_view_only_for_consecutive_contiguous_views_of_one_storage():
