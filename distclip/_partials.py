@@ -109,7 +109,7 @@ def _extreme_abs(group: list[Tensor], p: float, use_foreach: bool) -> list[Tenso
         return _norms(group, p, use_foreach)
     return [
         torch.stack(torch.aminmax(piece)).abs().amax() if p > 0 else torch.linalg.vector_norm(piece, p)
-        for piece in (batch[0] if len(batch) == 1 else torch.cat(batch) for batch in _batches(group))
+        for piece in (batch[0] if len(batch) == 1 else torch.cat(batch) for batch in _batches(group, _DIRECT_CHUNK))
     ]
 
 
@@ -141,61 +141,60 @@ _LOWEST_ACCURATE_POWER_SUM = 2.0**-60
 
 def _fast_then_exact(group: list[Tensor], p: float, dtype: torch.dtype) -> list[Tensor]:
     r"""Float64 norms of pieces of a float32/bfloat16/float16 CPU ``group``, where float64 kernels read ~10x
-    slower than float32 ones.
+    slower than float32 ones (and upcast a copy of what they read).
 
-    A piece (a chunk of a large contiguous float32 tensor, read in place; or small tensors, the short ends of
-    large ones, or a chunk of a bfloat16/float16 one, copied into a float32 buffer, its last row padded with
-    zeros) is read as rows (`_ROW_P2`, `_ROW`): `\|row\|_p` by torch's float32 norm kernel, then
-    `\|(\|row_1\|_p, ...)\|_p` in float64. A piece whose power sum overflowed, underflowed or is NaN is normed
-    again in float64.
+    A piece (a chunk of a large dense float32 tensor, read in place; or small tensors, the short ends of large
+    ones, a chunk of a bfloat16/float16 one or a slice of a strided one, copied into a float32 buffer, its last
+    row padded with zeros) is read as rows (`_ROW_P2`, `_ROW`): `\|row\|_p` by torch's float32 norm kernel,
+    then `\|(\|row_1\|_p, ...)\|_p` in float64. A piece whose power sum overflowed, underflowed or is NaN is
+    normed again in float64, ``_CHUNK`` elements at a time.
     """
     row = _ROW_P2 if p == 2 else _ROW
-    total = sum(g.numel() for g in group)
-    buffer = torch.empty(min(_CHUNK, -(-total // row) * row), dtype=torch.float32)
-    pieces, norms, exact = [], [], []
+    buffer_size = min(_CHUNK, -(-sum(g.numel() for g in group) // row) * row)
+    buffer = None  # made for the first piece that needs it: large float32 tensors are read in place
+    pieces, norms = [], []
     for batch in _batches(group, _DIRECT_CHUNK if dtype == torch.float32 else _CHUNK, row):
         first, size = batch[0], sum(t.numel() for t in batch)
-        if len(batch) == 1 and size >= _CHUNK and not first.is_contiguous():
-            # `_batches` yields a large non-contiguous tensor whole: the float64 kernel reads it in place, where
-            # copying it into the buffer would take a temporary its size.
-            exact.extend(_exact_norms(batch, p, use_foreach=False))
-            continue
         if len(batch) == 1 and first.dtype == torch.float32 and first.is_contiguous() and size % row == 0:
             rows = first.view(-1, row)
         else:
+            if buffer is None:
+                buffer = torch.empty(buffer_size, dtype=torch.float32)
             padded = buffer[: -(-size // row) * row]
             if len(batch) > 1:
                 torch.cat(batch, out=padded[:size])
             else:
-                padded[:size].copy_(first)
+                padded[:size].view(first.shape).copy_(first)
             padded[size:].zero_()
             rows = padded.view(-1, row)
         pieces.append(batch)
         norms.append(torch.linalg.vector_norm(torch.linalg.vector_norm(rows, p, dim=1), p, dtype=torch.float64))
-    if not norms:
-        return [torch.stack(exact)]
     piece_norms = torch.stack(norms)
     # Each p-th power sum is at most the rows' float32 sums added, so float64 holds it for any p.
     power_sums = piece_norms.pow(p)
     redo = ~((power_sums >= _LOWEST_ACCURATE_POWER_SUM) & torch.isfinite(power_sums))
     for i in redo.nonzero().flatten().tolist():
-        piece_norms[i] = combine_float64(torch.stack(_exact_norms(pieces[i], p, use_foreach=False)), p)
-    return [piece_norms, torch.stack(exact)] if exact else [piece_norms]
+        slices = [s for t in pieces[i] for s in _slices(t, _CHUNK)]
+        piece_norms[i] = combine_float64(torch.stack(_exact_norms(slices, p, use_foreach=False)), p)
+    return [piece_norms]
 
 
-def _batches(group: list[Tensor], chunk: int | None = None, row: int = 1):
-    """``group``'s non-empty tensors as lists of pieces: tensors under ``_CHUNK`` elements flattened and side
-    by side, at most ``_CHUNK`` elements a list; a larger tensor alone: whole without ``chunk`` or when it is
-    not contiguous (flattening it would copy it), else its first ``n - n % row`` elements as 1-D chunks of at
-    most ``chunk`` (a multiple of ``row``), one a list, and its last ``n % row`` batched as a small tensor."""
+def _batches(group: list[Tensor], chunk: int, row: int = 1):
+    """``group``'s non-empty tensors as lists of pieces, each piece a view or a copy of at most ``_CHUNK``
+    elements: tensors under ``_CHUNK`` elements flattened (`_flat`) and side by side, at most ``_CHUNK``
+    elements a list; a larger tensor, if it is dense, as its first ``n - n % row`` elements in 1-D chunks of at
+    most ``chunk`` (a multiple of ``row``), one a list, and its last ``n % row`` batched as a small tensor; if
+    it is not, as its `_slices` of at most ``_CHUNK`` elements, one a list (flattening it, or handing it whole
+    to a reduction, would copy it whole)."""
     batch, size = [], 0
     for g in group:
         n = g.numel()
         if n >= _CHUNK:
-            if chunk is None or not g.is_contiguous():
-                yield [g]
+            flat = _flat(g)
+            if flat is None:
+                yield from ([s] for s in _slices(g, _CHUNK))
                 continue
-            flat, whole = g.view(-1), n - n % row
+            whole = n - n % row
             yield from ([c] for c in flat[:whole].split(chunk))
             g, n = flat[whole:], n - whole
         if n == 0:
@@ -203,10 +202,40 @@ def _batches(group: list[Tensor], chunk: int | None = None, row: int = 1):
         if size + n > _CHUNK:
             yield batch
             batch, size = [], 0
-        batch.append(g if g.dim() == 1 else g.reshape(-1))
+        flat = _flat(g)
+        batch.append(g.reshape(-1) if flat is None else flat)
         size += n
     if batch:
         yield batch
+
+
+def _flat(t: Tensor) -> Tensor | None:
+    """``t``'s elements as a 1-D view in memory order if they fill their memory without gaps or overlaps: a
+    contiguous tensor, or a permutation of one's dimensions (a transpose, channels_last); else None."""
+    if t.is_contiguous():
+        return t.view(-1)
+    dense = t.permute(_outer_first(t))
+    return dense.view(-1) if dense.is_contiguous() else None
+
+
+def _slices(t: Tensor, limit: int):
+    """``t``'s elements as views of at most ``limit`` elements, slicing the dimensions of largest stride first,
+    so that each slice spans as little memory as it can."""
+    if t.numel() <= limit:
+        yield t
+        return
+    t = t.permute(_outer_first(t))
+    if t.dim() == 1:
+        yield from t.split(limit)
+    elif t[0].numel() <= limit:
+        yield from t.split(limit // t[0].numel())
+    else:
+        for s in t.unbind(0):
+            yield from _slices(s, limit)
+
+
+def _outer_first(t: Tensor) -> list[int]:
+    return sorted(range(t.dim()), key=t.stride, reverse=True)
 
 
 def _max_scaled(values: Tensor, maxabs: Tensor, p: float) -> Tensor:

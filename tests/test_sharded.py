@@ -901,3 +901,31 @@ def test_one_view_only_for_consecutive_contiguous_views_of_one_storage():
     assert _one_view([buffer[:0], buffer[:0]]) is None  # no element
     sparse = torch.sparse_coo_tensor([[0]], [1.0], (3,))
     assert _one_view([sparse, buffer[:3]]) is None and _one_view([buffer[:3], sparse]) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_gradients_are_normed_without_a_copy_of_their_size(dtype):
+    """Item 7 of issue 8: no temporary the size of a gradient, also for gradients that are not contiguous (a
+    float64 kernel would upcast a copy of the whole tensor, 64 MiB here, and aminmax would copy it). Dense
+    permutations (a transpose, channels_last) are read as they lie; tensors with gaps or repeats a slice at a
+    time through the buffer."""
+    from distclip._bench import peak_extra_bytes
+    from distclip._partials import local_row
+
+    base = torch.randn(1 << 23, generator=torch.Generator().manual_seed(3)).to(dtype)
+    cases = {
+        "transposed": [base.view(2048, 4096).t()],
+        "gapped": [base.view(4096, 2048)[:, 5:1000]],
+        "gapped 3-d": [base.view(8, 1024, 1024)[:, :, 3:900].transpose(0, 2)],
+        "every other": [base[::2]],
+        "expanded": [base[:4096].view(1, 4096).expand(1024, 4096)],
+        "channels_last": [base[: 64 * 256 * 9].view(64, 256, 3, 3).contiguous(memory_format=torch.channels_last)],
+        "zeros, transposed": [torch.zeros(2048, 4096, dtype=dtype).t()],
+    }
+    for name, grads in cases.items():
+        for p in (2.0, 3.0, math.inf, -math.inf):
+            reference = torch.linalg.vector_norm(torch.cat([g.double().reshape(-1) for g in grads]), p).item()
+            norm = local_row(grads, p, None, torch.device("cpu"), ())[0].item()
+            assert abs(norm - reference) <= 1e-6 * reference, (name, p, norm, reference)
+            peak = peak_extra_bytes(lambda: local_row(grads, p, None, torch.device("cpu"), ()))
+            assert peak is not None and peak <= 4 << 20, (name, p, peak)
