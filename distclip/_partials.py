@@ -121,18 +121,15 @@ def _exact_norms(group: list[Tensor], p: float, use_foreach: bool) -> list[Tenso
     return [_max_scaled(g.to(torch.float64), m, p) for g, m in zip(group, maxabs)]
 
 
-# Elements of the float32 buffer (1 MiB) through which a CPU norm reads small tensors side by side, and chunks of
-# bfloat16/float16 tensors, converted.
+# Elements of the float32 buffer (1 MiB) through which a CPU norm reads most pieces: small tensors side by side,
+# chunks of large ones, slices of strided ones.
 _CHUNK = 1 << 18
-# Elements of a contiguous float32 tensor normed in place by one call: 16 MiB read, 16 KiB of row norms.
+# Elements of a contiguous float32 tensor whose 2-norm one call reads in place: 16 MiB, 16 KiB of row norms.
 _DIRECT_CHUNK = 1 << 22
-# Elements in a row: a piece is read as rows of this length by torch's float32 norm kernel, which adds a row in a
-# few running sums, and the rows' norms are combined in float64. The kernel for p = 2 keeps more running sums
-# than the one for other p; at these lengths both stay under 2.5e-6 of relative error on equal elements (the
-# worst case of running sums; ~1e-8 on random data; rows of 1024 for every p reach 1.5e-5), where a whole
-# 1M-element tensor is off by 1e-5 and a 38M-element one by 3e-3.
-_ROW_P2 = 1 << 10
-_ROW = 1 << 7
+# Elements in a row of such a chunk. torch's float32 2-norm kernel adds a row in a few running sums, so over a
+# whole tensor it is off by 1e-5 at 16K equal elements (the worst case of running sums) and by 3e-3 on a
+# 38M-element tensor; over rows of 1024 it stays under 2e-6, and the rows' norms are combined in float64.
+_ROW = 1 << 10
 # A float32 p-th power sum at or above this is as accurate as float32 sums are: each term lost to underflow was
 # below 2**-149, so 2**40 of them stay under 2**-109, a 2**-49 fraction of the sum. Below it (a tiny or all-zero
 # piece) the piece is normed again in float64.
@@ -143,40 +140,46 @@ def _fast_then_exact(group: list[Tensor], p: float, dtype: torch.dtype) -> list[
     r"""Float64 norms of pieces of a float32/bfloat16/float16 CPU ``group``, where float64 kernels read ~10x
     slower than float32 ones (and upcast a copy of what they read).
 
-    A piece (a chunk of a large dense float32 tensor, read in place; or small tensors, the short ends of large
-    ones, a chunk of a bfloat16/float16 one or a slice of a strided one, copied into a float32 buffer, its last
-    row padded with zeros) is read as rows (`_ROW_P2`, `_ROW`): `\|row\|_p` by torch's float32 norm kernel,
-    then `\|(\|row_1\|_p, ...)\|_p` in float64. A piece whose power sum overflowed, underflowed or is NaN is
-    normed again in float64, ``_CHUNK`` elements at a time.
+    For p = 2, a chunk of a large contiguous float32 tensor is read in place as rows of ``_ROW`` elements:
+    `\|row\|_2` by torch's float32 norm kernel, the sum of their squares in float64. Every other piece (small
+    tensors side by side, the short ends of large ones, chunks of bfloat16/float16 ones, slices of strided ones;
+    every piece for p != 2, whose norm kernel reads ~10x slower) goes through a float32 buffer: `|x|^p`
+    elementwise (each term rounded once), then ``sum``, whose cascade summation keeps the relative error near
+    float32's unit roundoff for any length. A piece whose power sum overflowed, underflowed or is NaN is normed
+    again in float64, ``_CHUNK`` elements at a time.
     """
-    row = _ROW_P2 if p == 2 else _ROW
-    buffer_size = min(_CHUNK, -(-sum(g.numel() for g in group) // row) * row)
-    buffer = None  # made for the first piece that needs it: large float32 tensors are read in place
-    pieces, norms = [], []
-    for batch in _batches(group, _DIRECT_CHUNK if dtype == torch.float32 else _CHUNK, row):
+    direct = p == 2 and dtype == torch.float32
+    buffer_size = min(_CHUNK, sum(g.numel() for g in group))
+    buffer = None  # made for the first piece that needs it: large float32 tensors are read in place for p = 2
+    pieces, sums = [], []
+    for batch in _batches(group, _DIRECT_CHUNK if direct else _CHUNK, _ROW if direct else 1):
         first, size = batch[0], sum(t.numel() for t in batch)
-        if len(batch) == 1 and first.dtype == torch.float32 and first.is_contiguous() and size % row == 0:
-            rows = first.view(-1, row)
-        else:
-            if buffer is None:
-                buffer = torch.empty(buffer_size, dtype=torch.float32)
-            padded = buffer[: -(-size // row) * row]
-            if len(batch) > 1:
-                torch.cat(batch, out=padded[:size])
-            else:
-                padded[:size].view(first.shape).copy_(first)
-            padded[size:].zero_()
-            rows = padded.view(-1, row)
         pieces.append(batch)
-        norms.append(torch.linalg.vector_norm(torch.linalg.vector_norm(rows, p, dim=1), p, dtype=torch.float64))
-    piece_norms = torch.stack(norms)
-    # Each p-th power sum is at most the rows' float32 sums added, so float64 holds it for any p.
-    power_sums = piece_norms.pow(p)
+        if direct and len(batch) == 1 and first.is_contiguous() and size % _ROW == 0:
+            row_norms = torch.linalg.vector_norm(first.view(-1, _ROW), dim=1).to(torch.float64)
+            sums.append(torch.dot(row_norms, row_norms))
+            continue
+        if buffer is None:
+            buffer = torch.empty(buffer_size, dtype=torch.float32)
+        powers = buffer[:size]
+        in_place = len(batch) == 1 and first.dtype == torch.float32 and first.is_contiguous()
+        if len(batch) > 1:
+            torch.cat(batch, out=powers)
+        elif not in_place:
+            powers.view(first.shape).copy_(first)
+        source = first.view(-1) if in_place else powers
+        if p == 2:
+            torch.square(source, out=powers)
+        else:
+            torch.abs(source, out=powers).pow_(p)
+        sums.append(powers.sum())
+    power_sums = torch.stack([s.to(torch.float64) for s in sums])
+    norms = power_sums.pow(1.0 / p)
     redo = ~((power_sums >= _LOWEST_ACCURATE_POWER_SUM) & torch.isfinite(power_sums))
     for i in redo.nonzero().flatten().tolist():
         slices = [s for t in pieces[i] for s in _slices(t, _CHUNK)]
-        piece_norms[i] = combine_float64(torch.stack(_exact_norms(slices, p, use_foreach=False)), p)
-    return [piece_norms]
+        norms[i] = combine_float64(torch.stack(_exact_norms(slices, p, use_foreach=False)), p)
+    return [norms]
 
 
 def _batches(group: list[Tensor], chunk: int, row: int = 1):
