@@ -183,8 +183,8 @@ def _fast_then_exact(group: list[Tensor], p: float, dtype: torch.dtype) -> list[
 
 
 def _batches(group: list[Tensor], chunk: int, row: int = 1):
-    """``group``'s non-empty tensors as lists of pieces, each piece a view or a copy of at most ``_CHUNK``
-    elements: tensors under ``_CHUNK`` elements flattened (`_flat`) and side by side, at most ``_CHUNK``
+    """``group``'s non-empty tensors as lists of pieces, views (a small tensor that is not dense is copied by
+    its reshape): tensors under ``_CHUNK`` elements flattened (`_flat`) and side by side, at most ``_CHUNK``
     elements a list; a larger tensor, if it is dense, as its first ``n - n % row`` elements in 1-D chunks of at
     most ``chunk`` (a multiple of ``row``), one a list, and its last ``n % row`` batched as a small tensor; if
     it is not, as its `_slices` of at most ``_CHUNK`` elements, one a list (flattening it, or handing it whole
