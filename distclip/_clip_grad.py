@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distclip import _coefficient, _layout, _partials, _reduction, _scaling, _threads, _total_norm
-from distclip._checks import as_float
+from distclip import _arguments, _coefficient, _layout, _partials, _reduction, _scaling, _threads, _total_norm
 from distclip._foreach import kernel_groups
 
 _TensorOrTensors = Tensor | Iterable[Tensor]
@@ -68,7 +67,7 @@ def clip_grads_with_norm_(
     `get_total_norm` (``group=`` included) it completes a clip. Local only: no collective.
     """
     grads = _layout.local_grads(_layout.as_list(parameters, "parameters"))
-    max_norm = _coefficient.max_norm_value(max_norm, sharded=False)
+    max_norm = _arguments.max_norm_value(max_norm, sharded=False)
     _clip_(grads, max_norm, _layout.local_tensor(total_norm), foreach)
 
 
@@ -95,7 +94,7 @@ def clip_grad_norm_(
     rank must pass the same arguments (checked in the same collective: a mismatch raises on every rank).
     """
     layout = _layout.of_parameters(_layout.parameter_list(parameters, stacklevel=4), group)
-    max_norm = _coefficient.max_norm_value(max_norm, layout.sharded)
+    max_norm = _arguments.max_norm_value(max_norm, layout.sharded)
     total_norm = _total_norm_of(layout, norm_type, error_if_nonfinite, foreach, max_norm)
     _clip_(layout.scaled, max_norm, total_norm, foreach)
     return _total_norm.returned(total_norm, layout)
@@ -135,8 +134,8 @@ def fast_clip_grad_norm_(
             "distclip: fast_clip_grad_norm_ clips one process's plain gradients; these are DTensors, whose "
             "norm needs their mesh's collectives: use distclip.clip_grad_norm_ (or clip_module_grad_norm_)"
         )
-    max_norm = _coefficient.max_norm_value(max_norm, sharded=False)
-    p = _partials.norm_order(norm_type, sharded=False)
+    max_norm = _arguments.max_norm_value(max_norm, sharded=False)
+    p = _arguments.norm_order(norm_type, sharded=False)
     workers = _threads.worker_count(threads)
     if not layout.grads:
         return torch.tensor(0.0)
@@ -182,7 +181,7 @@ def clip_grad_value_(
     A drop-in for ``torch.nn.utils.clip_grad_value_``: elementwise, so it needs no collective in any layout.
     """
     parameters = _layout.as_list(parameters, "parameters")
-    clip_value = as_float(clip_value, "clip_value")
+    clip_value = _arguments.as_float(clip_value, "clip_value")
     _scaling.clamp_(_layout.local_grads(parameters), clip_value, foreach)
 
 
@@ -197,7 +196,7 @@ def _total_norm_of(
     """The total norm of ``layout`` (before any scaling). ``max_norm``: the clip's, ``None`` for
     ``get_total_norm``. In sharded mode every rank's arguments travel in the same collective and, with
     ``check_arguments``, are compared on the host (a device-to-host read on accelerators)."""
-    p = _partials.norm_order(norm_type, layout.sharded)
+    p = _arguments.norm_order(norm_type, layout.sharded)
     if layout.sharded:
         device = _reduction.wire_device(layout.group)
         arguments = (p, -1.0 if max_norm is None else max_norm, float(bool(error_if_nonfinite)))

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distclip import _agc, _clip_grad, _coefficient, _layout, _partials, _policies, _reduction, _scaling
+from distclip import _agc, _arguments, _clip_grad, _coefficient, _layout, _partials, _policies, _reduction, _scaling
 from distclip import _total_norm
 from distclip._agc import AGC
 from distclip._module import _layout_of
@@ -171,9 +171,9 @@ class GradClipper:
             self._module = None
             self._parameters = _layout.as_list(target, "target")
         self._group = group
-        self.max_norm = _coefficient.max_norm_value(max_norm, sharded=True)
+        self.max_norm = _arguments.max_norm_value(max_norm, sharded=True)
         self.norm_type = norm_type
-        self._p = _partials.norm_order(norm_type, sharded=False)
+        self._p = _arguments.norm_order(norm_type, sharded=False)
         self.foreach = foreach
         self._policies, self._agc = _split_policies(policy)
         if nonfinite not in _NONFINITE:

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from distclip import _threads
-from distclip._checks import as_float
 from distclip._foreach import kernel_groups
 
 # A rank's row in the reduction: its local norm, whether it counted any element, and the call's arguments
@@ -22,18 +21,6 @@ ROW = ("local_norm", "has_elements", "norm_type", "max_norm", "error_if_nonfinit
 # For p up to this, |x| ** p of every float32 value (2**-149 .. 2**128) is a normal float64 number, so the
 # float64 norm kernels neither overflow nor underflow; above it each tensor is first scaled by its max |x|.
 _PLAIN_FLOAT64_MAX_P = 6.0
-
-
-def norm_order(norm_type: float | str, sharded: bool) -> float:
-    """``norm_type`` as a float p; in sharded mode, only the p that have a sharded meaning."""
-    p = as_float(norm_type, "norm_type")
-    if sharded and not p > 0 and p != -math.inf:
-        raise ValueError(
-            f"distclip: norm_type={norm_type!r} has no sharded meaning: with group= the norm is "
-            "(sum over ranks of local_norm**p)**(1/p), defined for p > 0, inf and -inf. Use one of those, or "
-            "clip on a single process with group=None for torch's own semantics"
-        )
-    return p
 
 
 def tensor_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[Tensor]:
