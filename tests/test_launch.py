@@ -217,3 +217,13 @@ def test_deepspeed_launcher_runs_the_example():
     output = _output(result)
     assert result.returncode == 0, output
     check_steps(result.stdout, output)
+
+
+def test_slurm_script_outside_slurm_says_to_submit_it(tmp_path):
+    # Run by hand, not by sbatch: no SLURM_* variable (``_env`` drops them), no scontrol or srun called.
+    result = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "--steps", "1"], capture_output=True,
+                            text=True, timeout=30, cwd=tmp_path, env=_env())
+    output = _output(result)
+    assert result.returncode == 2, output
+    assert "SLURM_JOB_NODELIST is not set" in result.stderr and "sbatch launch/slurm.sbatch" in result.stderr, output
+    assert "unbound variable" not in result.stderr and result.stdout == "", output
