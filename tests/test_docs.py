@@ -127,3 +127,15 @@ def test_guide_script_runs_as_written(tmp_path, name, command, body):
         if result.returncode == 0 or TORCH_TEARDOWN_ABORT not in result.stderr:
             break
     assert result.returncode == 0, f"$ {command}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def test_readme_job_example_sets_a_timeout_and_says_what_it_does():
+    # gloo's default timeout is 30 minutes: a rank that never calls would block the others that long.
+    readme = (REPO / "README.md").read_text()
+    calls = [line for body in _blocks(REPO / "README.md", "python") for line in body.splitlines()
+             if "init_process_group(" in line]
+    assert calls, "the README shows no init_process_group call"
+    for call in calls:
+        seconds = re.search(r"timeout=datetime\.timedelta\(seconds=(\d+)\)", call)
+        assert seconds, f"no timeout= in {call!r}"
+        assert re.search(rf"raise distclip's `RuntimeError`[^.]*after {seconds[1]} s", readme, re.DOTALL), readme
