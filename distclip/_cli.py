@@ -4,13 +4,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from distclip import _bench, _demo
+import torch
+
+import distclip
+from distclip import _arguments, _bench, _demo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand and return its exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = _parser().parse_args(_attach_norm_type(argv))
+    parser = _parser()
+    args = parser.parse_args(_attach_negative_values(argv))
     if args.command == "bench":
         return _bench.run(_bench_config(args), " ".join(["distclip", *argv]))
     return _demo.run(
@@ -27,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distclip", description="Gradient clipping for distributed PyTorch.")
+    parser.add_argument("--version", action="version",
+                        version=f"distclip {distclip.__version__} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
@@ -41,10 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=_positive_int, default=2,
                       help="number of ranks to start (default 2; unused under torchrun, which starts them)")
     demo.add_argument("--steps", type=_positive_int, default=5, help="training steps (default 5)")
-    demo.add_argument("--max-norm", type=float, default=1.0, help="max_norm of the clip (default 1.0)")
+    demo.add_argument("--max-norm", type=_max_norm, default=1.0,
+                      help="max_norm of the clip: a non-negative number, inf never clips (default 1.0)")
     demo.add_argument("--norm-type", type=_norm_type, default=2.0,
-                      help="p of the norm: a number, inf or -inf (default 2)")
-    demo.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
+                      help="p of the norm: a number > 0, inf or -inf (default 2)")
+    demo.add_argument("--backend", type=_backend, choices=("gloo", "nccl"), default="gloo",
                       help="gloo (CPU, default) or nccl (one GPU per rank, cuda:LOCAL_RANK)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default 0)")
     _add_bench(commands)
@@ -105,11 +112,12 @@ def _bench_config(args: argparse.Namespace) -> "_bench.Config":
     )
 
 
-def _attach_norm_type(argv: list[str]) -> list[str]:
-    """``--norm-type -inf`` as ``--norm-type=-inf``: argparse would take ``-inf`` for an option."""
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--norm-type -inf`` as ``--norm-type=-inf`` (and ``--max-norm``): argparse would take ``-inf`` for an
+    option, and then report a missing value instead of checking it."""
     attached: list[str] = []
     for arg in argv:
-        if attached and attached[-1] == "--norm-type" and arg.startswith("-"):
+        if attached and attached[-1] in ("--norm-type", "--max-norm") and arg.startswith("-"):
             attached[-1] += "=" + arg
         else:
             attached.append(arg)
@@ -126,11 +134,40 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# The demo clips sharded gradients (group=WORLD), so its flags take the values the sharded clip takes, checked
+# by the library's own rules here, before any rank starts, and reported in the command line's terms.
 def _norm_type(text: str) -> float:
+    try:
+        return _arguments.norm_order(_number(text, "a number > 0, inf or -inf"), sharded=True)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number > 0, inf or -inf, got {text!r}: the demo clips sharded gradients, for which "
+            "p = 0, a negative p and nan have no meaning"
+        ) from None
+
+
+def _max_norm(text: str) -> float:
+    try:
+        return _arguments.max_norm_value(_number(text, "a non-negative number or inf"), sharded=True)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number (inf: never clip), got {text!r}") from None
+
+
+def _number(text: str, what: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, inf or -inf, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
+def _backend(text: str) -> str:
+    """The backend, refused before any rank starts where it cannot run: nccl without CUDA."""
+    if text == "nccl" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            "nccl needs CUDA GPUs, one per rank, and torch sees none (torch.cuda.is_available() is False); "
+            "on CPUs use --backend gloo"
+        )
+    return text
 
 
 def _non_negative_int(text: str) -> int:

@@ -108,7 +108,9 @@ def _spawn(config: Config) -> int:
     """Spawn ``nproc`` ranks and return rank 0's exit status, or 1 with a one-line message if any rank failed."""
     if config.backend == "nccl" and torch.cuda.device_count() < config.nproc:
         gpus = torch.cuda.device_count()
-        print(f"distclip demo: nccl needs one GPU per rank: {config.nproc} ranks, {gpus} GPUs", file=sys.stderr)
+        fewer = f"--nproc {gpus} or " if gpus else ""
+        print(f"distclip demo: nccl needs one GPU per rank: {config.nproc} ranks, {gpus} GPUs; pass {fewer}"
+              "--backend gloo", file=sys.stderr)
         return 2
     status = mp.get_context("spawn").SimpleQueue()
     try:
