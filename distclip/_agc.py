@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from distclip import _reduction
+from distclip._arguments import require
 from distclip._layout import local_tensor
 
 _F64 = torch.float64
@@ -48,8 +49,8 @@ class AGC:
     eps: float = 1e-3
 
     def __post_init__(self) -> None:
-        if not self.clipping > 0 or not self.eps >= 0:
-            raise ValueError(f"distclip: AGC needs clipping > 0 and eps >= 0, got {self.clipping!r}, {self.eps!r}")
+        require(self.clipping > 0, "AGC", "clipping", self.clipping, "a positive number (lambda)")
+        require(self.eps >= 0, "AGC", "eps", self.eps, "a non-negative number")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def get_total_norm(
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
     *,
-    group: Any = None,
+    group: Any = _arguments.NO_GROUP,
 ) -> Tensor:
     r"""Return the p-norm of ``tensors`` viewed as one vector, `\|(\|t_1\|_p, \ldots, \|t_k\|_p)\|_p`.
 
@@ -38,19 +38,21 @@ def get_total_norm(
         norm_type: p, a float, an int or ``'inf'``/``'-inf'``.
         error_if_nonfinite: raise ``RuntimeError`` if the norm is NaN or inf.
         foreach: use the foreach kernels (``None``: where the device supports them).
-        group: ``None`` for this process's tensors alone, bitwise equal to
+        group: left out (or ``None``) for this process's tensors alone, bitwise equal to
             ``torch.nn.utils.get_total_norm``. A process group (or ``torch.distributed.group.WORLD``) when
             each rank holds a disjoint piece of one vector: the result is the norm of the whole vector,
             `(\sum_r n_r^p)^{1/p}` over the ranks' local norms `n_r` (max for inf, min for -inf),
             the same float64 value on every rank, from one ``all_reduce`` of a few float64 values. Every
-            rank of the group must call it, also one with no tensors.
+            rank of the group must call it, also one with no tensors. An explicit ``None`` raises
+            ``RuntimeError`` in a process launched as one of several ranks (``WORLD_SIZE`` > 1) before
+            ``init_process_group()``: that is ``group.WORLD`` read too early, not a local clip.
 
     Returns:
         Tensor: the norm, 0-d. In single-process mode torch's result (the tensors' dtype, on the first
             tensor's device; ``torch.tensor(0.0)`` for none); in sharded mode float64, on the first local
             tensor's device (the reduction's device on a rank with none).
     """
-    layout = _layout.of_tensors(_layout.as_list(tensors, "tensors"), group)
+    layout = _layout.of_tensors(_layout.as_list(tensors, "tensors"), _arguments.process_group(group))
     return _total_norm.returned(_total_norm_of(layout, norm_type, error_if_nonfinite, foreach), layout)
 
 
@@ -79,7 +81,7 @@ def clip_grad_norm_(
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
     *,
-    group: Any = None,
+    group: Any = _arguments.NO_GROUP,
 ) -> Tensor:
     r"""Clip the gradient norm of ``parameters`` in place and return the norm before clipping.
 
@@ -92,8 +94,10 @@ def clip_grad_norm_(
     ``error_if_nonfinite=True`` every rank raises together before any gradient changes. In sharded mode
     ``max_norm`` must be a non-negative number and ``norm_type`` positive, inf or -inf, and every
     rank must pass the same arguments (checked in the same collective: a mismatch raises on every rank).
+    ``group`` is read as in `get_total_norm`: left out for a local clip; ``group.WORLD`` before
+    ``init_process_group()`` in a multi-rank launch raises instead of clipping locally.
     """
-    layout = _layout.of_parameters(_layout.parameter_list(parameters, stacklevel=4), group)
+    layout = _layout.of_parameters(_layout.parameter_list(parameters, stacklevel=4), _arguments.process_group(group))
     max_norm = _arguments.max_norm_value(max_norm, layout.sharded)
     total_norm = _total_norm_of(layout, norm_type, error_if_nonfinite, foreach, max_norm)
     _clip_(layout.scaled, max_norm, total_norm, foreach)
@@ -159,7 +163,7 @@ def clip_grad_norm(
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
     *,
-    group: Any = None,
+    group: Any = _arguments.NO_GROUP,
 ) -> Tensor:
     """Deprecated alias of `clip_grad_norm_` (``FutureWarning``), as in ``torch.nn.utils``."""
     warnings.warn(

@@ -12,7 +12,6 @@ holds the same policy state without any host synchronisation. A `ClipReport` is 
 logger) when it wants the numbers.
 """
 
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from torch import Tensor
 from distclip import _agc, _arguments, _clip_grad, _coefficient, _layout, _partials, _policies, _reduction, _scaling
 from distclip import _total_norm
 from distclip._agc import AGC
-from distclip._module import _layout_of
+from distclip._module import _is_fsdp1, _layout_of
 from distclip._policies import Policy
 
 _F64 = torch.float64
@@ -118,13 +117,17 @@ class GradClipper:
             does (plain, DDP, FSDP1, FSDP2/DTensor), or parameters as `distclip.clip_grad_norm_` takes
             them (tensors, declared ``{"params": [...], "replicated_over": group}`` groups).
         max_norm: the fixed clip threshold (torch's semantics); ``inf`` leaves clipping to the policies.
-        norm_type: p of the norms: a positive float, ``inf``, or ``-inf``.
-        group: with parameters, the group they are sharded over (as ``clip_grad_norm_``'s ``group=``).
+        norm_type: p of the norms: a positive float, ``inf``, or ``-inf`` (2 with AGC, whose unit norms are
+            2-norms). Checked with the sharded rules whatever the layout, as ``max_norm`` is.
+        group: with parameters, the group they are sharded over (as ``clip_grad_norm_``'s ``group=``; left
+            out: this process's gradients alone).
         policy: one policy or a list: `distclip.AutoClip`, `distclip.ZClip` (clip thresholds;
             the smallest threshold applies), `distclip.SpikeSkip` (skips), `distclip.AGC`
             (unit-wise, at most one).
-        nonfinite: what a NaN or inf norm does. ``"propagate"``: torch's behaviour (the gradients become
-            NaN). ``"raise"``: ``RuntimeError`` on every rank, before any gradient changes (this reads the norm
+        nonfinite: what a NaN or inf norm does. ``"propagate"``: torch's behaviour, the coefficient
+            ``threshold / (norm + 1e-6)`` of the non-finite norm: a NaN norm makes every gradient NaN; an inf
+            norm makes every finite element 0 (and the infinite ones NaN) under a finite threshold, and every
+            gradient NaN under an infinite one (``max_norm=inf``: inf / inf is NaN). ``"raise"``: ``RuntimeError`` on every rank, before any gradient changes (this reads the norm
             on the host: the one policy that synchronises). ``"skip"``: the step is skipped on every rank and
             the gradients are left as they are, for inspection.
         norms: ``"parameter"`` or ``"module"`` (the module that owns each parameter; needs a module target)
@@ -151,7 +154,7 @@ class GradClipper:
         max_norm: float,
         norm_type: float | str = 2.0,
         *,
-        group: Any = None,
+        group: Any = _arguments.NO_GROUP,
         policy: Policy | AGC | Sequence[Policy | AGC] | None = None,
         nonfinite: str = "propagate",
         norms: str | None = None,
@@ -160,6 +163,7 @@ class GradClipper:
         fused: bool = False,
         foreach: bool | None = None,
     ) -> None:
+        group = _arguments.process_group(group)
         if isinstance(target, torch.nn.Module):
             if group is not None:
                 raise ValueError(
@@ -169,18 +173,19 @@ class GradClipper:
             self._parameters: list[Any] = []
         else:
             self._module = None
-            self._parameters = _layout.as_list(target, "target")
+            self._parameters = _target_parameters(target)
+            if group is not None:
+                _reduction.membership(group)  # a clear error now for what is not a group this rank is in
         self._group = group
         self.max_norm = _arguments.max_norm_value(max_norm, sharded=True)
         self.norm_type = norm_type
-        self._p = _arguments.norm_order(norm_type, sharded=False)
+        self._p = _arguments.norm_order(norm_type, sharded=True)
         self.foreach = foreach
         self._policies, self._agc = _split_policies(policy)
-        if nonfinite not in _NONFINITE:
-            raise ValueError(f"distclip: nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        self.nonfinite = nonfinite
-        self.scaler = scaler
-        self.optimizer = optimizer
+        self.nonfinite = _arguments.choice("GradClipper", "nonfinite", nonfinite, _NONFINITE)
+        self.scaler = _arguments.of_type(scaler, "GradClipper", "scaler", "a torch.amp.GradScaler or None",
+                                         torch.amp.GradScaler)
+        self.optimizer = _optimizer(optimizer)
         self.fused = fused
         self._check_options(norms)
         self._units = _Units.of(self._module, self._parameters, norms) if norms else None
@@ -189,8 +194,7 @@ class GradClipper:
         self._arguments_checked = False
 
     def _check_options(self, norms: str | None) -> None:
-        if norms not in (None, *_UNITS):
-            raise ValueError(f"distclip: norms must be None or one of {_UNITS}, got {norms!r}")
+        _arguments.choice("GradClipper", "norms", norms, (None, *_UNITS))
         if norms == "module" and self._module is None:
             raise ValueError('distclip: norms="module" needs a module target, to know which module owns what')
         if (norms or self._agc) and self._module is not None and _is_fsdp1(self._module):
@@ -215,6 +219,12 @@ class GradClipper:
                 )
             if self._agc:
                 raise ValueError("distclip: AGC scales each unit by its own factor, which one fused grad_scale cannot")
+        if self._agc and self._p != 2:
+            raise ValueError(
+                f"distclip: AGC's unit norms are 2-norms (the paper's), so GradClipper takes policy=AGC(...) with "
+                f"norm_type=2 only, got norm_type={self.norm_type!r}. (timm's adaptive_clip_grad takes the unit "
+                "norms' order from its norm_type; distclip does not: see docs/clipper.md)"
+            )
 
     @torch.no_grad()
     def clip_(self) -> ClipReport:
@@ -322,6 +332,12 @@ class GradClipper:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a `state_dict` of a clipper built with the same policies."""
+        if not isinstance(state_dict, dict) or set(state_dict) != {"counters", "policies"}:
+            shown = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(
+                "distclip: GradClipper.load_state_dict takes what GradClipper.state_dict() returned, a dict with "
+                f"the keys ['counters', 'policies'], got {shown}"
+            )
         saved = [entry["type"] for entry in state_dict["policies"]]
         built = [type(p).__name__ for p in self._policies]
         if saved != built:
@@ -437,6 +453,34 @@ class _Units:
         return torch.stack([_total_norm.from_rows(gathered[:, u], p) for u in range(len(pieces))]).to(device)
 
 
+def _target_parameters(target: Any) -> list[Any]:
+    """The elements of a parameters target; a ``TypeError`` for what cannot be one."""
+    expected = (
+        'a torch.nn.Module, or parameters as clip_grad_norm_ takes them (tensors, or {"params": [...], '
+        '"replicated_over": group} dicts)'
+    )
+    if isinstance(target, (str, bytes, dict)) or not isinstance(target, Iterable):
+        raise TypeError(f"distclip: GradClipper target must be {expected}, got {target!r} of type {type(target).__name__}")
+    parameters = _layout.as_list(target, "target")
+    for i, item in enumerate(parameters):
+        if type(item) is not dict and not isinstance(item, Tensor):
+            raise TypeError(
+                f"distclip: GradClipper target must be {expected}; its element {i} is {item!r} of type "
+                f"{type(item).__name__}"
+            )
+    return parameters
+
+
+def _optimizer(optimizer: Any) -> Any:
+    """``optimizer`` if it is None or steps like a torch optimizer (``step()`` and ``param_groups``)."""
+    if optimizer is None or (callable(getattr(optimizer, "step", None)) and hasattr(optimizer, "param_groups")):
+        return optimizer
+    raise TypeError(
+        "distclip: GradClipper optimizer must be a torch.optim.Optimizer (anything with step() and param_groups) "
+        f"or None, got {optimizer!r} of type {type(optimizer).__name__}"
+    )
+
+
 def _split_policies(policy: Any) -> tuple[list[Policy], AGC | None]:
     policies = [] if policy is None else list(policy) if isinstance(policy, (list, tuple)) else [policy]
     for p in policies:
@@ -461,11 +505,6 @@ def _flat(parameters: list[Any]) -> list[Any]:
 def _clean(name: str, ddp: bool) -> str:
     parts = [part for part in name.split(".") if part not in _WRAPPER_NAMES]
     return ".".join(parts[1:] if ddp and parts[:1] == ["module"] else parts)
-
-
-def _is_fsdp1(module: torch.nn.Module) -> bool:
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    return fsdp is not None and bool(fsdp.FullyShardedDataParallel.fsdp_modules(module))
 
 
 def _fresh_counters(device: torch.device) -> dict[str, Tensor]:

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from distclip._arguments import NO_GROUP
 from distclip._clip_grad import clip_grad_norm_
-from distclip._layout import local_tensor
+from distclip._layout import local_grads, local_tensor
 
 
 def clip_module_grad_norm_(
@@ -30,17 +31,34 @@ def clip_module_grad_norm_(
     - FSDP2 ``fully_shard`` and other DTensor parameters: from their placements, one ``all_reduce``.
 
     Returns a plain 0-d tensor (for a DTensor norm, its value), the same on every rank of a wrapped model, in
-    the dtype torch and FSDP return it in whatever the layout: the promoted dtype of the model's parameters.
+    the dtype torch and FSDP return it in: the promoted dtype of this rank's gradients (float16 under an FSDP
+    ``MixedPrecision`` that keeps float16 gradients), and the default dtype on a rank that holds none (FSDP1
+    also warns there, as ``FullyShardedDataParallel.clip_grad_norm_`` does). What the framework refuses is
+    refused: a nested FSDP1 unit raises ``RuntimeError``, as FSDP's clip does.
     """
     parameters, group = _layout_of(module)
-    norm = clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach, group=group)
-    dtypes = {p.dtype for p in module.parameters()}
-    return local_tensor(norm).to(reduce(torch.promote_types, dtypes)) if dtypes else local_tensor(norm)
+    norm = local_tensor(clip_grad_norm_(
+        parameters, max_norm, norm_type, error_if_nonfinite, foreach, group=NO_GROUP if group is None else group
+    ))
+    dtypes = {g.dtype for g in local_grads(parameters)}
+    if dtypes:
+        return norm.to(reduce(torch.promote_types, dtypes))
+    default = torch.get_default_dtype()
+    if group is not None and _is_fsdp1(module):
+        from distclip.integrations.fsdp import warn_no_gradients
+
+        warn_no_gradients(group, default, stacklevel=2)
+    return norm.to(default)
+
+
+def _is_fsdp1(module: torch.nn.Module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and bool(fsdp.FullyShardedDataParallel.fsdp_modules(module))
 
 
 def _layout_of(module: torch.nn.Module) -> tuple[list[Any], Any]:
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    if fsdp is not None and fsdp.FullyShardedDataParallel.fsdp_modules(module):
+    """``(parameters, group)`` of ``module``'s gradients as ``clip_grad_norm_`` takes them (``group`` None: local)."""
+    if _is_fsdp1(module):
         from distclip.integrations.fsdp import parameter_groups
 
         return parameter_groups(module)

@@ -18,6 +18,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from distclip._arguments import require
+
 _F64 = torch.float64
 
 
@@ -90,8 +92,11 @@ class AutoClip(Policy):
     however long the run. The threshold is the upper edge of the bin that holds the nearest-rank percentile
     `x_{(k)}`, `k = \lceil q n / 100 \rceil` of the `n` norms seen: never below it and
     less than `2^{1/\text{bins\_per\_octave}}` times it (2.2% above at most by default). The paper uses
-    NumPy's interpolated percentile of the full history; the nearest rank is one of the two order statistics
-    it interpolates between.
+    NumPy's interpolated percentile `P` of the full history, which lies between the order statistics
+    `x_{(j+1)}` and `x_{(j+2)}`, `j = \lfloor (n-1) q / 100 \rfloor`; `k` is one of `j+1, j+2`, so
+    `x_{(j+1)} / x_{(j+2)} \le T / P < 2^{1/\text{bins\_per\_octave}} x_{(j+2)} / x_{(j+1)}`: as far from
+    NumPy's value as those two neighbouring norms are apart, which on short histories can be tens of percent
+    (docs/clipper.md gives measurements).
     """
 
     percentile: float = 10.0
@@ -101,10 +106,10 @@ class AutoClip(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.percentile <= 100:
-            raise ValueError(f"distclip: AutoClip percentile must be in (0, 100], got {self.percentile!r}")
-        if self.bins_per_octave < 1 or self.max_exponent <= self.min_exponent:
-            raise ValueError("distclip: AutoClip needs bins_per_octave >= 1 and max_exponent > min_exponent")
+        require(0 < self.percentile <= 100, "AutoClip", "percentile", self.percentile, "in (0, 100]")
+        require(self.bins_per_octave >= 1, "AutoClip", "bins_per_octave", self.bins_per_octave, "an integer >= 1")
+        require(self.max_exponent > self.min_exponent, "AutoClip", "max_exponent", self.max_exponent,
+                f"greater than min_exponent={self.min_exponent!r}")
 
     @property
     def bins(self) -> int:
@@ -153,8 +158,10 @@ class ZClip(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 <= self.alpha < 1 or not self.z_threshold > 0 or self.warmup_steps < 1:
-            raise ValueError("distclip: ZClip needs 0 <= alpha < 1, z_threshold > 0 and warmup_steps >= 1")
+        require(0 <= self.alpha < 1, "ZClip", "alpha", self.alpha, "in [0, 1) (the EMA's decay)")
+        require(self.z_threshold > 0, "ZClip", "z_threshold", self.z_threshold, "a positive number")
+        require(self.warmup_steps >= 1, "ZClip", "warmup_steps", self.warmup_steps, "an integer >= 1")
+        require(self.eps >= 0, "ZClip", "eps", self.eps, "a non-negative number")
 
     def _initial_state(self, device: torch.device) -> dict[str, Tensor]:
         return {
@@ -209,8 +216,11 @@ class SpikeSkip(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 2 <= self.min_history <= self.window or not self.sigma >= 0:
-            raise ValueError("distclip: SpikeSkip needs 2 <= min_history <= window and sigma >= 0")
+        require(self.min_history >= 2, "SpikeSkip", "min_history", self.min_history,
+                "an integer >= 2 (a standard deviation needs two norms)")
+        require(self.min_history <= self.window, "SpikeSkip", "min_history", self.min_history,
+                f"at most window={self.window!r}")
+        require(self.sigma >= 0, "SpikeSkip", "sigma", self.sigma, "a non-negative number")
 
     def _initial_state(self, device: torch.device) -> dict[str, Tensor]:
         return {

@@ -16,13 +16,18 @@ import torch
 import torch.distributed as dist
 
 
+def initialized() -> bool:
+    """Whether this process has joined a torch.distributed world (``init_process_group()``)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def membership(group: Any) -> tuple[int, int]:
     """``(rank in group, group size)``; raises a clear error if this process cannot use ``group``."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not initialized():
         raise RuntimeError(
             "distclip: group= was given but torch.distributed is not initialized: call "
             "torch.distributed.init_process_group() first (torchrun sets up the environment for it), "
-            "or pass group=None to clip the gradients of this process alone"
+            "or leave group= out to clip the gradients of this process alone"
         )
     if not isinstance(group, dist.ProcessGroup):
         if group == dist.GroupMember.NON_GROUP_MEMBER:
@@ -62,24 +67,11 @@ def wire_device(group: Any) -> torch.device:
 
 
 def gather_rows(row: torch.Tensor, group: Any) -> torch.Tensor:
-    """Every rank's ``row``, stacked by group rank, on every rank: one ``all_reduce`` over ``group``.
-
-    A rank that died, or never made the call, fails it after the group's timeout: that becomes a
-    ``RuntimeError`` that says so, instead of the backend's bare message.
-    """
+    """Every rank's ``row``, stacked by group rank, on every rank: one ``all_reduce`` over ``group``."""
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     rows = row.new_zeros(world_size, row.numel())
     rows[rank] = row
-    try:
-        dist.all_reduce(rows, op=dist.ReduceOp.SUM, group=group)
-    except RuntimeError as err:  # the backends' errors (DistBackendError, timeouts) derive from it
-        raise RuntimeError(
-            f"distclip: the clip's all_reduce over a group of {world_size} ranks failed on rank {rank} of it "
-            f"(global rank {dist.get_rank()}): another rank of the group died, or did not make the same call "
-            "within the group's timeout (the timeout= of init_process_group / new_group). Every rank of the "
-            f"group must call. The backend said: {err}"
-        ) from err
-    return rows
+    return _all_reduce_sum_(rows, group, "the clip's all_reduce")
 
 
 def all_reduce_sum_(values: torch.Tensor, group: Any) -> torch.Tensor:
@@ -88,5 +80,21 @@ def all_reduce_sum_(values: torch.Tensor, group: Any) -> torch.Tensor:
     Not part of a clip's norm: the GradClipper's AGC sums the squared unit norms of tensors sharded across
     their rows with it, once per group (see ``distclip/_agc.py``).
     """
-    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    return _all_reduce_sum_(values, group, "AGC's all_reduce of unit norms")
+
+
+def _all_reduce_sum_(values: torch.Tensor, group: Any, what: str) -> torch.Tensor:
+    """``all_reduce(SUM)`` of ``values`` over ``group``, in place. A rank that died, or never made the call,
+    fails it after the group's timeout: that becomes a ``RuntimeError`` that says so, instead of the backend's
+    bare message."""
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    try:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    except RuntimeError as err:  # the backends' errors (DistBackendError, timeouts) derive from it
+        raise RuntimeError(
+            f"distclip: {what} over a group of {world_size} ranks failed on rank {rank} of it "
+            f"(global rank {dist.get_rank()}): another rank of the group died, or did not make the same call "
+            "within the group's timeout (the timeout= of init_process_group / new_group). Every rank of the "
+            f"group must call. The backend said: {err}"
+        ) from err
     return values

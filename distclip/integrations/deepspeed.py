@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 import distclip
+from distclip import _arguments
 
 # The DeepSpeed releases the tests ran on, as [low, high). Keep setup.cfg's `deepspeed` extra the same.
 TESTED_VERSIONS = ((0, 19, 8), (0, 20, 0))
@@ -98,7 +99,11 @@ def attach(engine: Any, max_norm: float, norm_type: float | str = 2.0, error_if_
             parallelism, torch autocast, ...); the message names it.
     """
     _check_version(_import_deepspeed().__version__)
-    handle = ClipHandle(_max_norm(max_norm), _norm_type(norm_type), bool(error_if_nonfinite))
+    handle = ClipHandle(
+        _arguments.max_norm_value(max_norm, sharded=True),
+        _arguments.norm_order(norm_type, sharded=True, zero_padded=True),
+        bool(error_if_nonfinite),
+    )
     if engine in _attached:
         raise RuntimeError("distclip: this engine is already attached; call detach() on its handle first")
     install = _installer(engine)
@@ -133,23 +138,6 @@ def _check_version(version: str) -> None:
 
 def _dotted(version: tuple[int, ...]) -> str:
     return ".".join(map(str, version))
-
-
-def _max_norm(max_norm: Any) -> float:
-    value = float(max_norm)
-    if not value >= 0:
-        raise ValueError(f"distclip: max_norm must be a non-negative number, got {max_norm!r}")
-    return value
-
-
-def _norm_type(norm_type: Any) -> float:
-    p = float(norm_type)
-    if not p > 0:
-        raise ValueError(
-            f"distclip: norm_type={norm_type!r} is not supported with DeepSpeed: use any p > 0 or inf "
-            "(-inf and p <= 0 would count ZeRO's zero padding as gradient entries)"
-        )
-    return p
 
 
 def _installer(engine: Any) -> Callable[[Any, ClipHandle], None]:
