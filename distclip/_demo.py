@@ -10,9 +10,11 @@ computed from the whole, unsharded gradient: the norm, its agreement across rank
 import os
 import socket
 import sys
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.queues import SimpleQueue
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import distclip
+from distclip.shutdown import exit_cleanly
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
 _COLLECTIVE_TIMEOUT = timedelta(seconds=60)
@@ -88,20 +91,25 @@ def run(config: Config) -> int:
     """Run the demo: as one rank when started by torchrun, else by spawning ``nproc`` ranks on 127.0.0.1.
 
     Returns the exit status: 0 if every step is OK, 1 on a mismatch or an error in any rank, 2 if
-    nccl has fewer GPUs than ranks.
+    nccl has fewer GPUs than ranks. A torchrun rank does not return: it leaves with that status through
+    `distclip.shutdown.exit_cleanly`, as every spawned rank does.
     """
     if all(name in os.environ for name in _TORCHRUN_VARIABLES):
         return _run_torchrun_rank(config)
     return _spawn(config)
 
 
-def _run_torchrun_rank(config: Config) -> int:
-    """This process is one rank of a torchrun world: join it through the environment and train."""
-    dist.init_process_group(config.backend, init_method="env://", timeout=_COLLECTIVE_TIMEOUT)
+def _run_torchrun_rank(config: Config) -> NoReturn:
+    """This process is one rank of a torchrun world: join it through the environment, train, and leave with
+    the status (1 with the traceback on an error) without Python's shutdown, where torch 2.13's gloo threads
+    can abort a finished rank and with it the torchrun job."""
     try:
-        return _train(config, _device(config.backend, int(os.environ["LOCAL_RANK"])))
-    finally:
-        dist.destroy_process_group()
+        dist.init_process_group(config.backend, init_method="env://", timeout=_COLLECTIVE_TIMEOUT)
+        exit_status = _train(config, _device(config.backend, int(os.environ["LOCAL_RANK"])))
+    except Exception:
+        traceback.print_exc()
+        exit_status = 1
+    exit_cleanly(exit_status)
 
 
 def _spawn(config: Config) -> int:
@@ -144,6 +152,9 @@ def _spawned_rank(rank: int, port: int, config: Config, status: SimpleQueue) -> 
         dist.destroy_process_group()
     if rank == 0:
         status.put(exit_status)
+    # Leave now rather than through Python's shutdown, where torch 2.13's gloo threads can abort the process
+    # (mp.spawn would then report this rank as killed by SIGABRT). An error above is left to mp.spawn to report.
+    exit_cleanly(0)
 
 
 def _device(backend: str, local_rank: int) -> torch.device:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import distclip
+from distclip.shutdown import exit_cleanly
 
 LAYOUTS = ("ddp", "fsdp1", "fsdp2", "deepspeed")
 # A collective that does not finish in this time fails the job (with the ranks' error) instead of hanging it.
@@ -232,11 +233,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    status = main()
-    # torch 2.13's gloo process group keeps its worker threads after destroy_process_group(), and one that
-    # releases a finished collective's tensors while Python shuts down aborts the process ("terminate called
-    # without an active exception"; about 1 run in 12 of a plain-torch DDP script on 2 CPU processes). Nothing is
-    # left to clean up here, so leave without Python's shutdown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    # Leave without Python's shutdown, where torch 2.13's gloo threads can abort a finished rank (see
+    # distclip.shutdown): the process group destroyed, the output flushed, then os._exit with the status.
+    exit_cleanly(main())

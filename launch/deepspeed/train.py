@@ -19,6 +19,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_grad
 
 from distclip.integrations.deepspeed import attach
+from distclip.shutdown import exit_cleanly
 
 REL_TOL = 1e-5
 
@@ -87,4 +88,4 @@ def _parse_args() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_cleanly(main())  # not through Python's shutdown, where torch 2.13's gloo threads can abort a rank
