@@ -85,6 +85,9 @@ def _add_bench(commands) -> None:
                        help="where to write the plot, if matplotlib is installed (default bench.png; '' for none)")
     bench.add_argument("--fsdp1-dtypes", default="bf16",
                        help="dtypes on which FSDP1's clip is measured too (default bf16; '' for none)")
+    bench.add_argument("--layouts", "--layout", default=",".join(_bench.LAYOUTS),
+                       help=f"comma list of the sharded runs' gradient layouts: {', '.join(_bench.LAYOUTS)} "
+                            "(default all; see docs/benchmarks.md)")
     bench.add_argument("--quick", action="store_true", help="small sizes and few samples: a smoke run")
     bench.add_argument("--seed", type=int, default=0, help="seed of the gradients (default 0)")
 
@@ -109,6 +112,7 @@ def _bench_config(args: argparse.Namespace) -> "_bench.Config":
         quick=args.quick,
         fsdp1_dtypes=listed(args.fsdp1_dtypes, tuple(_bench.DTYPES), "--fsdp1-dtypes", empty_ok=True),
         seed=args.seed,
+        layouts=listed(args.layouts, _bench.LAYOUTS, "--layouts"),
     )
 
 

@@ -11,8 +11,10 @@ import sys
 TIMEOUT_S = 120
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
 TARGETS = ("parity", "sharded_gpt2_floor", "sharded_bf16_vs_fsdp1", "sharded_tiny_per_tensor", "sharded_inf_vs_p2",
-           "fast_path_gpt2", "fast_path_small", "fused_folding", "memory")
-RECORD_KEYS = {"mode", "nproc", "workload", "dtype", "norm_type", "variant", "tensors", "tensors_per_rank", "bytes",
+           "sharded_vs_hand_written", "small_vs_fsdp1", "fsdp2_vs_torch", "fast_path_gpt2", "fast_path_small",
+           "fused_folding", "memory")
+LAYOUTS = ("views", "separate", "aligned", "fsdp2")
+RECORD_KEYS = {"mode", "nproc", "workload", "dtype", "norm_type", "layout", "variant", "tensors", "tensors_per_rank", "bytes",
                "bytes_per_rank", "samples_s", "median_s", "min_s", "floor_s", "median_over_floor",
                "min_over_floor", "peak_extra_bytes", "peak_extra_fraction", "rel_error"}
 
@@ -73,11 +75,25 @@ def test_bench_single_process(tmp_path):
 def test_bench_two_ranks_with_fsdp1(tmp_path):
     result, report = bench(tmp_path, "--nproc", "2", "--workloads", "tiny", "--dtypes", "bf16", "--norm-types", "2,inf")
     check_report(report, 2, {"torch", "distclip", "distclip-fast", "floor", "distclip-sharded", "naive-sharded", "fsdp1",
-                             "distclip-fsdp1", "distclip-sharded-empty"})
+                             "distclip-fsdp1", "distclip-sharded-empty", "distclip-module", "torch-dtensor"})
     assert report["machine"]["sharded"]["read_GBps"] > 0
     sharded = [r for r in report["results"] if r["mode"] == "sharded"]
-    assert sharded and all(r["nproc"] == 2 and r["tensors_per_rank"] == 100 for r in sharded)
+    assert {r["layout"] for r in sharded} == set(LAYOUTS)
+    # 200 tiny tensors: a rank holds 100 of them whole, or a shard of each of the 200 FSDP2 parameters.
+    assert sharded and all(r["nproc"] == 2 and r["tensors_per_rank"] == (200 if r["layout"] == "fsdp2" else 100)
+                           for r in sharded)
+    for layout in LAYOUTS:  # every target that compares distclip with a clip it replaces is judged on every layout
+        assert any(r["layout"] == layout and r["variant"] == "distclip-sharded" for r in sharded), layout
+    assert {r["layout"] for r in sharded if r["variant"] == "fsdp1"} == {"views"}
     statuses = target_lines(result.stdout)
     assert set(TARGETS) <= set(statuses), result.stdout
-    for key in ("sharded_bf16_vs_fsdp1", "sharded_tiny_per_tensor", "sharded_inf_vs_p2"):
+    for key in ("sharded_bf16_vs_fsdp1", "sharded_tiny_per_tensor", "sharded_inf_vs_p2", "sharded_vs_hand_written"):
         assert statuses[key] in ("PASS", "FAIL"), result.stdout
+    judged = next(line for line in result.stdout.splitlines() if line.startswith("[") and "sharded_tiny_per_tensor" in line)
+    assert all(layout in judged for layout in LAYOUTS), judged
+
+
+def test_bench_one_layout(tmp_path):
+    result, report = bench(tmp_path, "--nproc", "2", "--workloads", "tiny", "--dtypes", "fp32", "--norm-types", "2",
+                           "--layouts", "separate", "--fsdp1-dtypes", "")
+    assert {r["layout"] for r in report["results"] if r["mode"] == "sharded"} == {"separate"}
