@@ -98,10 +98,7 @@ def clip_grad_norm_(
     ``init_process_group()`` in a multi-rank launch raises instead of clipping locally.
     """
     layout = _layout.of_parameters(_layout.parameter_list(parameters, stacklevel=4), _arguments.process_group(group))
-    max_norm = _arguments.max_norm_value(max_norm, layout.sharded)
-    total_norm = _total_norm_of(layout, norm_type, error_if_nonfinite, foreach, max_norm)
-    _clip_(layout.scaled, max_norm, total_norm, foreach)
-    return _total_norm.returned(total_norm, layout)
+    return _total_norm.returned(clip_layout_(layout, max_norm, norm_type, error_if_nonfinite, foreach), layout)
 
 
 @torch.no_grad()
@@ -187,6 +184,17 @@ def clip_grad_value_(
     parameters = _layout.as_list(parameters, "parameters")
     clip_value = _arguments.as_float(clip_value, "clip_value")
     _scaling.clamp_(_layout.local_grads(parameters), clip_value, foreach)
+
+
+def clip_layout_(
+    layout: _layout.Layout, max_norm: float, norm_type: float | str, error_if_nonfinite: bool, foreach: bool | None
+) -> Tensor:
+    """Clip the gradients of ``layout`` (`clip_grad_norm_` after its layout stage); return the total norm as
+    computed (float64 when sharded, torch's dtype on one process), before `_total_norm.returned`."""
+    max_norm = _arguments.max_norm_value(max_norm, layout.sharded)
+    total_norm = _total_norm_of(layout, norm_type, error_if_nonfinite, foreach, max_norm)
+    _clip_(layout.scaled, max_norm, total_norm, foreach)
+    return total_norm
 
 
 def _total_norm_of(

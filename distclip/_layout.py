@@ -210,25 +210,41 @@ def _layout(entries: list[tuple[Tensor, tuple]], group: Any) -> Layout:
     declared = any(groups for _, groups in entries)
     if dtensor_type is None and not declared:
         return _plain_layout([t for t, _ in entries], group)
-    dtensors = [t for t, _ in entries if dtensor_type is not None and isinstance(t, dtensor_type)]
     plain_is_replica = group is None  # beside DTensors and without group=: replicated over the mesh's ranks
+    # One pass over the DTensors: their local shards, and whether this rank counts them, decided once per
+    # (mesh, placements) (None for a plain tensor).
+    grads, owns_shard = [], []
+    owns_shard_of: dict[tuple, bool] = {}
+    meshes: dict[int, Any] = {}
+    dtypes: set[torch.dtype] = set()
+    for t, _ in entries:
+        if dtensor_type is None or not isinstance(t, dtensor_type):
+            grads.append(t)
+            owns_shard.append(None)
+            continue
+        mesh = t.device_mesh
+        key = (id(mesh), t.placements)
+        owns = owns_shard_of.get(key)
+        if owns is None:
+            meshes[id(mesh)] = mesh
+            owns = owns_shard_of[key] = _owns_dtensor(t)
+        grads.append(t.to_local())
+        owns_shard.append(owns)
+        dtypes.add(t.dtype)
     if group is None:
-        if not dtensors:
+        if not meshes:
             raise ValueError(
                 'distclip: parameters declared with "replicated_over" need group=: the group over which the '
                 "counted pieces make up the whole gradient"
             )
-        group = _mesh_group(dtensors)
+        group = _mesh_group(list(meshes.values()))
     rank, world_size = _reduction.membership(group)
     owner_of: dict[tuple[int, ...], bool] = {}  # per tuple of replica groups: is this rank rank 0 in all?
-    grads, counted = [], []
-    for t, replica_groups in entries:
-        is_dtensor = dtensor_type is not None and isinstance(t, dtensor_type)
-        local = t.to_local() if is_dtensor else t
-        grads.append(local)
-        if is_dtensor and not _owns_dtensor(t):
+    counted = []
+    for (_, replica_groups), local, owns in zip(entries, grads, owns_shard):
+        if owns is False:
             continue
-        if not is_dtensor and not replica_groups and plain_is_replica:
+        if owns is None and not replica_groups and plain_is_replica:
             owner = rank == 0
         else:
             key = tuple(map(id, replica_groups))
@@ -237,7 +253,8 @@ def _layout(entries: list[tuple[Tensor, tuple]], group: Any) -> Layout:
             owner = owner_of[key]
         if owner:
             counted.append(local)
-    mesh, dtype = _dtensor_result(dtensors, len(entries), declared)
+    all_dtensors = None not in owns_shard
+    mesh, dtype = _dtensor_result(list(meshes.values()), dtypes) if all_dtensors and not declared else (None, None)
     return Layout(grads, counted, group, world_size, mesh, dtype)
 
 
@@ -261,9 +278,8 @@ def _owns_dtensor(t: Tensor) -> bool:
     return all(coordinate[d] == 0 for d, p in enumerate(t.placements) if p.is_replicate())
 
 
-def _mesh_group(dtensors: list[Tensor]) -> Any:
-    """The group spanning the ranks of the DTensors' meshes, which must all span the same ranks."""
-    meshes = {id(t.device_mesh): t.device_mesh for t in dtensors}.values()
+def _mesh_group(meshes: list[Any]) -> Any:
+    """The group spanning the ranks of the DTensors' ``meshes``, which must all span the same ranks."""
     rank_sets = {tuple(sorted(m.mesh.flatten().tolist())) for m in meshes}
     if len(rank_sets) > 1:
         raise ValueError(
@@ -276,7 +292,7 @@ def _mesh_group(dtensors: list[Tensor]) -> Any:
     world, world_size = _reduction.world()
     if len(ranks) == world_size:
         return world
-    mesh = next(iter(meshes))
+    mesh = meshes[0]
     if mesh.ndim == 1:
         return mesh.get_group()
     raise ValueError(
@@ -285,14 +301,13 @@ def _mesh_group(dtensors: list[Tensor]) -> Any:
     )
 
 
-def _dtensor_result(dtensors: list[Tensor], count: int, declared: bool) -> tuple[Any, torch.dtype | None]:
-    """The mesh and dtype torch would return the norm with: when every tensor is a DTensor on one mesh."""
-    if declared or not dtensors or len(dtensors) != count:
+def _dtensor_result(meshes: list[Any], dtypes: set[torch.dtype]) -> tuple[Any, torch.dtype | None]:
+    """The mesh and dtype torch would return the norm with, for DTensors (every tensor of the call) of
+    ``dtypes`` on ``meshes``: when they are all on one mesh."""
+    mesh = meshes[0]
+    if any(m != mesh for m in meshes[1:]):
         return None, None
-    mesh = dtensors[0].device_mesh
-    if any(t.device_mesh != mesh for t in dtensors):
-        return None, None
-    return mesh, reduce(torch.promote_types, (t.dtype for t in dtensors))
+    return mesh, reduce(torch.promote_types, dtypes)
 
 
 def local_tensor(t: Tensor) -> Tensor:

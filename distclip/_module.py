@@ -7,11 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distclip._arguments import NO_GROUP
-from distclip._clip_grad import clip_grad_norm_
-from distclip._layout import local_grads, local_tensor
+from distclip import _layout
+from distclip._clip_grad import clip_layout_
 
 
+@torch.no_grad()
 def clip_module_grad_norm_(
     module: torch.nn.Module,
     max_norm: float,
@@ -37,17 +37,16 @@ def clip_module_grad_norm_(
     refused: a nested FSDP1 unit raises ``RuntimeError``, as FSDP's clip does.
     """
     parameters, group = _layout_of(module)
-    norm = local_tensor(clip_grad_norm_(
-        parameters, max_norm, norm_type, error_if_nonfinite, foreach, group=NO_GROUP if group is None else group
-    ))
-    dtypes = {g.dtype for g in local_grads(parameters)}
+    layout = _layout.of_parameters(parameters, group)
+    norm = clip_layout_(layout, max_norm, norm_type, error_if_nonfinite, foreach)
+    dtypes = {g.dtype for g in layout.grads}
     if dtypes:
         return norm.to(reduce(torch.promote_types, dtypes))
     default = torch.get_default_dtype()
     if group is not None and _is_fsdp1(module):
         from distclip.integrations.fsdp import warn_no_gradients
 
-        warn_no_gradients(group, default, stacklevel=2)
+        warn_no_gradients(group, default, stacklevel=3)  # past the no_grad decorator, to the caller
     return norm.to(default)
 
 
