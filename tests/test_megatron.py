@@ -131,6 +131,25 @@ def _dp_tp_ep_params():
     return dense, [expert], tp_group
 
 
+def _fsdp_grads():
+    """Megatron-FSDP: DTensor gradients sharded over a 2-rank data-parallel mesh dimension, a different model
+    on each coordinate of the 2-rank model-parallel one (the grad-stats group)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if "mesh" not in _GROUPS:
+        _GROUPS["mesh"] = init_device_mesh("cpu", (2, 2), mesh_dim_names=("mp", "dp"))
+    mesh = _GROUPS["mesh"]
+    mp = mesh.get_local_rank("mp")
+    grads = [distribute_tensor(seeded("fsdp", mp, name, shape=shape).float(), mesh["dp"], [Shard(0)],
+                               src_data_rank=None) for name, shape, _ in DENSE]
+    return grads, mesh["mp"].get_group()
+
+
+def fsdp_reference() -> list[torch.Tensor]:
+    return [seeded("fsdp", mp, name, shape=shape) for mp in (0, 1) for name, shape, _ in DENSE]
+
+
 def _norms(get_norm, grads, group, norm_types):
     out = {}
     for p in norm_types:
@@ -154,6 +173,9 @@ def _rank_side():
     before = [p.grad.clone() for p in params]
     dc_megatron.clip_grad_by_total_norm_fp32(params, MAX_NORM, total)
     out["pp_tp_clip"] = (total, before, [p.grad.clone() for p in params])
+
+    grads, mp_group = _fsdp_grads()
+    out["fsdp"] = {api: _norms(fn, grads, mp_group, p) for api, (fn, p) in apis.items()}
 
     dense, experts, tp_group = _dp_tp_ep_params()
     dense_grads, expert_grads = _megatron_filter(dense, tp_group), _megatron_filter(experts, None)
@@ -193,6 +215,12 @@ def test_tp_duplicates_and_shared_parameters_count_once(rank_results):
     (the layer norm once per stage, the tied embedding once), for p = 2, inf, 1, 3; equal to Megatron's for
     p = 1, 3; a float, the same on every rank, from one collective."""
     _check(rank_results, "pp_tp", pp_tp_reference(), "pp x tp")
+
+
+def test_dtensor_gradients_reduce_over_their_mesh_and_the_group(rank_results):
+    """Megatron-FSDP's DTensor gradients: reduced over their data-parallel mesh and the grad-stats group, as
+    Megatron does (and equal to it for p = 1, 3): the norm of every model-parallel coordinate's full tensors."""
+    _check(rank_results, "fsdp", fsdp_reference(), "fsdp")
 
 
 def test_expert_norm_is_summed_with_the_dense_norm(rank_results):
