@@ -29,7 +29,7 @@ import socket
 import statistics
 import subprocess
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import torch
@@ -87,8 +87,8 @@ def bandwidths(timer: Timer, elements: int, device: torch.device, repeats: int) 
     """(read, read-write) bytes per second: ``sum`` reads the buffer once, ``mul_(-1)`` reads and writes it."""
     buffer = torch.ones(elements, device=device)
     nbytes = buffer.numel() * buffer.element_size()
-    read = lambda: buffer.sum()  # noqa: E731
-    write = lambda: buffer.mul_(-1.0)  # noqa: E731
+    read = lambda: buffer.sum()
+    write = lambda: buffer.mul_(-1.0)
     best_read = min(timer.per_call(read, timer.calls_for(read)) for _ in range(repeats))
     best_rw = min(timer.per_call(write, timer.calls_for(write)) for _ in range(repeats))
     return nbytes / best_read, 2 * nbytes / best_rw
@@ -157,7 +157,7 @@ def _commit() -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def markdown(result: dict, dry_run: bool) -> str:

@@ -113,7 +113,7 @@ def _megatron_filter(params, tp_group):
 
 
 def _pp_tp_params():
-    tp_group, pp_group = _groups()
+    tp_group, _ = _groups()
     stage, tp_rank = dist.get_rank() // 2, dist.get_rank() % 2
     params = [_param(seeded("pp", stage, name, shape=shape), dim, tp_rank) for name, shape, dim in DENSE]
     embedding = _param(seeded("pp", "embedding", shape=EMBEDDING[1]), EMBEDDING[2], tp_rank)
@@ -162,7 +162,9 @@ def _norms(get_norm, grads, group, norm_types):
 def _rank_side():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        from megatron.core.optimizer.clip_grads import get_grad_norm_fp32 as megatron_norm
+        from megatron.core.optimizer.clip_grads import (
+            get_grad_norm_fp32 as megatron_norm,
+        )
     apis = {"distclip": (dc_megatron.get_grad_norm_fp32, NORM_TYPES), "megatron": (megatron_norm, CPU_NORM_TYPES)}
     out = {}
 
