@@ -28,7 +28,10 @@ Differences, by design (docs/migration.md):
 - it runs on any device, the CPU included (Megatron's allocates its buffers on ``'cuda'``), for any dtype
   (Megatron's clip asserts float32 ``.grad``), and with no gradients on a rank for every p;
 - ``norm_type`` must be positive or inf, and every rank must pass the same one (checked in the same
-  collective: a mismatch raises on every rank).
+  collective: a mismatch raises on every rank);
+- DTensor gradients count each element once: their ``Replicate`` mesh dimensions are copies, and with the
+  world as the group they are reduced over the world alone (Megatron sums over their mesh and then again over
+  the world).
 """
 
 import sys
