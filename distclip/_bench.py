@@ -862,7 +862,8 @@ def targets(records: list[dict[str, Any]], config: Config) -> list[Target]:
                             sharded_hint or "n/a: needs bf16 in --dtypes and --fsdp1-dtypes"))
 
     # 3c. <= 1.5 us per tensor on 2000 tiny tensors, on every layout (issue 14; issue 8 asked 1 us of the views).
-    text = "sharded 2000 tiny tensors <= 1.5 us per tensor on every layout (call minus empty call, per tensor on a rank)"
+    text = ("sharded 2000 tiny tensors <= 1.5 us per tensor on every layout (call minus empty call, per tensor on a "
+            "rank)")
     per_tensor = []
     for d in _find(records, mode="sharded", variant="distclip-sharded", workload="tiny"):
         e = _one(records, mode="sharded", variant="distclip-sharded-empty", workload="tiny", dtype=d["dtype"],
@@ -953,7 +954,8 @@ def _layout_targets(records: list[dict[str, Any]], sharded_hint: str | None) -> 
     """Issue 14's targets: distclip against the clips it replaces, on every layout."""
     found = []
     # The hand-written sharded clip of each plain layout; torch's own clip of FSDP2's DTensors.
-    text = "distclip <= the hand-written sharded clip on every workload, dtype and layout (torch's DTensor clip on fsdp2)"
+    text = ("distclip <= the hand-written sharded clip on every workload, dtype and layout (torch's DTensor clip on "
+            "fsdp2)")
     ratios = []
     for d in _find(records, mode="sharded", variant="distclip-sharded"):
         reference = "torch-dtensor" if d["layout"] == "fsdp2" else "naive-sharded"
@@ -965,7 +967,8 @@ def _layout_targets(records: list[dict[str, Any]], sharded_hint: str | None) -> 
         worst = max(ratios, key=lambda x: x[0])
         over_one = ", ".join(f"{x[0]:.2f}x {_where(x[1])}" for x in ratios if x[0] > 1.0) or "none"
         found.append(Target("sharded_vs_hand_written", "14.2", text, _verdict(worst[0] <= 1.0), worst[0],
-                            f"worst {worst[0]:.2f}x ({_where(worst[1])}) over {len(ratios)} cases; above 1: {over_one}"))
+                            f"worst {worst[0]:.2f}x ({_where(worst[1])}) over {len(ratios)} cases; above 1: "
+                            f"{over_one}"))
     else:
         found.append(Target("sharded_vs_hand_written", "14.2", text, "n/a", None,
                             sharded_hint or "n/a: needs a finite norm type"))
@@ -1040,6 +1043,10 @@ def context_lines(records: list[dict[str, Any]]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- output
 
 
+def _layout_name(r: dict[str, Any]) -> str:
+    return r.get("layout") or ""
+
+
 def _same_case(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in ("mode", "workload", "dtype", "norm_type", "layout"))
 
@@ -1100,7 +1107,7 @@ class _Printer:
         for r in rows:
             if r["variant"] == "floor":
                 best = f", side-by-side floor {_fmt_time(r['floor_side_s'])}" if r.get("floor_side_s") else ""
-                self.line(f"{r['workload']:<8} {r['dtype']:<5} {r['norm_type']:<4} {r.get('layout') or '':<8} {'floor':<24} "
+                self.line(f"{r['workload']:<8} {r['dtype']:<5} {r['norm_type']:<4} {_layout_name(r):<8} {'floor':<24} "
                           f"{_fmt_time(r['floor_s']):>10} {'':>10} {'':>10} {'':>10} {'':>8}  {'':<22} {'':>8} "
                           f"{_fmt_bytes(r['bytes_per_rank'])} a process{best}")
                 continue
@@ -1112,7 +1119,7 @@ class _Printer:
             versus = f"{r['min_s'] / ref['min_s']:.3f}x {ref['variant']}" if ref else ""
             best = f"{r['min_over_side_floor']:.2f}" if r.get("min_over_side_floor") and r["mode"] != "fused" else ""
             error = "" if r.get("rel_error") is None else f"{r['rel_error']:.1e}"
-            self.line(f"{r['workload']:<8} {r['dtype']:<5} {r['norm_type']:<4} {r.get('layout') or '':<8} {r['variant']:<24} "
+            self.line(f"{r['workload']:<8} {r['dtype']:<5} {r['norm_type']:<4} {_layout_name(r):<8} {r['variant']:<24} "
                       f"{_fmt_time(r['median_s']):>10} {_fmt_time(r['min_s']):>10} "
                       f"{r['median_over_floor']:>10.2f} {r['min_over_floor']:>10.2f} {best:>8}  {peak:<22} {error:>8} {versus}")
 
@@ -1229,7 +1236,8 @@ def markdown(report: dict[str, Any], image: str | None = None) -> str:
             peak = "" if r["peak_extra_bytes"] is None else \
                 f"{_fmt_bytes(r['peak_extra_bytes'])} ({r['peak_extra_fraction']:.2%})"
             best = f"{r['min_over_side_floor']:.2f}" if r.get("min_over_side_floor") and mode != "fused" else ""
-            lines.append(f"| {r['workload']} | {r['dtype']} | {r['norm_type']} | {r.get('layout') or ''} | {r['variant']} | "
+            lines.append(f"| {r['workload']} | {r['dtype']} | {r['norm_type']} | {_layout_name(r)} | "
+                         f"{r['variant']} | "
                          f"{_fmt_time(r['median_s'])} | {_fmt_time(r['min_s'])} | {r['median_over_floor']:.2f} | "
                          f"{r['min_over_floor']:.2f} | {best} | {peak} |")
     return "\n".join(lines) + "\n"

@@ -127,8 +127,9 @@ class GradClipper:
         nonfinite: what a NaN or inf norm does. ``"propagate"``: torch's behaviour, the coefficient
             ``threshold / (norm + 1e-6)`` of the non-finite norm: a NaN norm makes every gradient NaN; an inf
             norm makes every finite element 0 (and the infinite ones NaN) under a finite threshold, and every
-            gradient NaN under an infinite one (``max_norm=inf``: inf / inf is NaN). ``"raise"``: ``RuntimeError`` on every rank, before any gradient changes (this reads the norm
-            on the host: the one policy that synchronises). ``"skip"``: the step is skipped on every rank and
+            gradient NaN under an infinite one (``max_norm=inf``: inf / inf is NaN). ``"raise"``:
+            ``RuntimeError`` on every rank, before any gradient changes (this reads the norm on the host: the
+            one policy that synchronises). ``"skip"``: the step is skipped on every rank and
             the gradients are left as they are, for inspection.
         norms: ``"parameter"`` or ``"module"`` (the module that owns each parameter; needs a module target)
             to report pre-clip per-unit norms. Cost: a few small kernels per unit, and in sharded layouts one
@@ -460,7 +461,9 @@ def _target_parameters(target: Any) -> list[Any]:
         '"replicated_over": group} dicts)'
     )
     if isinstance(target, (str, bytes, dict)) or not isinstance(target, Iterable):
-        raise TypeError(f"distclip: GradClipper target must be {expected}, got {target!r} of type {type(target).__name__}")
+        raise TypeError(
+            f"distclip: GradClipper target must be {expected}, got {target!r} of type {type(target).__name__}"
+        )
     parameters = _layout.as_list(target, "target")
     for i, item in enumerate(parameters):
         if type(item) is not dict and not isinstance(item, Tensor):
