@@ -243,6 +243,13 @@ def test_launcher_example_runs_on_two_cpu_processes():
     assert steps == ["1", "2", "3", "4", "5"], output
     summary = "distclip deepspeed example: 5/5 steps OK (2 ranks, ZeRO stage 2, gloo, norm_type=2.0)"
     assert summary in result.stdout.splitlines(), output
+    # docs/deepspeed.md shows this run's output: the lines it shows are the lines printed.
+    from test_docs import REPO as DOCS_REPO, missing_lines, shown_output
+
+    shown = shown_output(DOCS_REPO / "docs" / "deepspeed.md", "launch/deepspeed/run.sh")
+    assert shown is not None and summary in shown, shown
+    missing = missing_lines(shown, result.stdout)
+    assert not missing, f"docs/deepspeed.md shows lines not printed: {missing}\n{output}"
 
 
 def _free_port() -> int:

@@ -7,10 +7,15 @@
   written (``bash -c``), in order, from the repository root, in a fresh virtualenv whose only setup is the
   page's own install command; every ```python``` block then runs in that virtualenv too.
 - Every ```python``` block of the other pages that opens with ``# <name>.py: <command>`` is a complete script:
-  it is saved as ``<name>.py`` and ``<command>`` runs as written (the part before any "(or ...)"). Those that
-  import Accelerate, Lightning, Transformers or DeepSpeed are skipped where it is not installed.
+  it is saved as ``<name>.py`` and ``<command>`` runs as written (the part before any "(or ...)"), once. Those
+  that import Accelerate, Lightning, Transformers or DeepSpeed are skipped where it is not installed. On the pages
+  of ``COMPLETE_PAGES`` every ```python``` block is such a script.
+- Output shown in the docs comes from the code: a plain ``` block right after a command's or a script's block
+  (nothing but prose between them) shows lines it prints, each exactly, ``...`` standing for lines or parts of a
+  line left out.
 """
 
+import html
 import os
 import re
 import subprocess
@@ -38,6 +43,11 @@ QUICKSTART_COMMANDS = {
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 SCRIPT_HEADER = re.compile(r"# (\w+\.py): (.+?)(?: \(or .*\))?\n")
 OPTIONAL = ("accelerate", "lightning", "transformers", "deepspeed")
+# Pages whose every python block is a script the tests run (the other pages' blocks are one-line comparisons
+# and fragments of a layout, shown beside a script that runs).
+COMPLETE_PAGES = ("clipper.md", "deepspeed.md", "fsdp1.md", "fsdp2.md", "torchrun.md", "accelerate.md",
+                  "lightning.md", "transformers.md", "quickstart.md")
+NUMPY_WARNING = "Failed to initialize NumPy"
 # torch 2.13's gloo worker threads outlive destroy_process_group(), and one that releases a tensor while Python
 # shuts down aborts that process with this message, after the script's work is done. Every script ends with
 # distclip.shutdown.exit_cleanly() for this reason, so each runs once: an abort fails the test.
@@ -49,13 +59,37 @@ def _blocks(path: Path, language: str) -> list[str]:
     return [body for lang, body in FENCE.findall(path.read_text()) if lang == language]
 
 
+def shown_output(path: Path, code: str) -> str | None:
+    """The plain block that follows the block whose body is ``code`` on the page at ``path`` (only prose between
+    them), or None."""
+    blocks = FENCE.findall(path.read_text())
+    for (lang, body), (next_lang, next_body) in zip(blocks, blocks[1:]):
+        if lang and body.strip() == code.strip():
+            return next_body if not next_lang else None
+    return None
+
+
+def missing_lines(shown: str, printed: str) -> list[str]:
+    """The lines of ``shown`` that ``printed`` does not contain: each shown line must be a printed line, ``...``
+    standing for any text within a line; a line of only ``...`` stands for lines left out."""
+    lines = printed.splitlines()
+    missing = []
+    for line in shown.splitlines():
+        if line.strip() in ("", "..."):
+            continue
+        pattern = re.compile(".*".join(map(re.escape, line.split("..."))))
+        if not any(pattern.fullmatch(printed_line) for printed_line in lines):
+            missing.append(line)
+    return missing
+
+
 def _scripts():
     for page in sorted((REPO / "docs").glob("*.md")):
         for body in _blocks(page, "python"):
             header = SCRIPT_HEADER.match(body)
             if header:
                 name, command = header.groups()
-                yield pytest.param(name, command, body, id=f"{page.stem}:{name}")
+                yield pytest.param(name, command, body, shown_output(page, body), id=f"{page.stem}:{name}")
 
 
 def _clean_env() -> dict[str, str]:
@@ -77,6 +111,16 @@ def test_site_builds_with_warnings_as_errors(tmp_path):
     for name in ("distclip.clip_grad_norm_", "distclip.clip_module_grad_norm_", "distclip.GradClipper",
                  "distclip.integrations.deepspeed.attach", "distclip.integrations.lightning.GradClipperCallback"):
         assert f'id="{name}"' in api, name
+    # The docstrings' LaTeX (single backticks) is math, not code: MathML, and no LaTeX left in a code span.
+    assert api.count("<math ") >= 9, "the API reference renders fewer formulas than its docstrings hold"
+    latex_code = [c for c in re.findall(r"<code>([^<]*)</code>", api) if re.search(r"\\[A-Za-z]{2,}|\\\|", c)]
+    assert not latex_code, latex_code
+    # Signatures whole, one parameter a line where long: no line wider than mkdocs.yml's line_length.
+    signatures = re.findall(r'<div class="doc-signature[^"]*"[^>]*>(.*?)</div>', api, re.DOTALL)
+    assert len(signatures) >= 20, len(signatures)
+    for signature in signatures:
+        text = html.unescape(re.sub(r"<[^>]+>", "", signature))
+        assert max(map(len, text.splitlines())) <= 72, text
     assert (site / "img" / "bench.png").is_file() and 'src="../img/bench.png"' in (
         site / "benchmarks" / "index.html"
     ).read_text()
@@ -102,6 +146,17 @@ def test_quickstart_runs_as_written(tmp_path):
         output = f"$ {command}\nexit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
         assert result.returncode == 0, output
         assert expected in result.stdout.splitlines(), output
+        # The install brings what torch needs to import quietly: the demo prints only its own lines.
+        assert NUMPY_WARNING not in result.stderr, output
+        shown = shown_output(QUICKSTART, command)
+        if shown is not None:
+            missing = missing_lines(shown, result.stdout)
+            assert not missing, f"docs/quickstart.md shows lines not printed: {missing}\n{output}"
+        if "train_lm.py --layout fsdp2 --steps 5" in command:  # the launch page shows the same run's first lines
+            shown = FENCE.findall((REPO / "docs" / "launch.md").read_text())[0][1]
+            assert shown.startswith("train_lm: layout fsdp2"), shown
+            missing = missing_lines(shown, result.stdout)
+            assert not missing, f"docs/launch.md shows lines not printed: {missing}\n{output}"
         if index == 0:  # the rest must run on what this command installed
             assert (bin_dir / "distclip").is_file() and (bin_dir / "torchrun").is_file(), output
         if "train_lm.py" in command:  # rank 0's lines: every step, a finite loss, the first norm the reference's
@@ -113,8 +168,21 @@ def test_quickstart_runs_as_written(tmp_path):
         assert result.returncode == 0, f"{block}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
 
-@pytest.mark.parametrize("name, command, body", list(_scripts()))
-def test_guide_script_runs_as_written(tmp_path, name, command, body):
+def test_every_python_block_of_the_complete_pages_is_a_script():
+    fragments = [(page, body.splitlines()[0]) for page in COMPLETE_PAGES if page != "quickstart.md"
+                 for body in _blocks(REPO / "docs" / page, "python") if not SCRIPT_HEADER.match(body)]
+    assert not fragments, f"blocks that are not complete scripts (no '# name.py: command' line): {fragments}"
+
+
+def test_shown_output_is_checked_line_by_line():
+    printed = "step 1/2  norm 1.5  OK\nstep 2/2  norm 1.25  OK\n{'a': '1', 'b': '2', 'c': '3'}\n"
+    assert missing_lines("step 1/2  norm 1.5  OK\n...\n{'a': '1', ..., 'c': '3'}", printed) == []
+    assert missing_lines("step 1/2  norm 1.6  OK\nstep 2/2  norm 1.25  OK", printed) == ["step 1/2  norm 1.6  OK"]
+    assert missing_lines("step 1/2", printed) == ["step 1/2"]  # a whole line, not a part of one
+
+
+@pytest.mark.parametrize("name, command, body, shown", list(_scripts()))
+def test_guide_script_runs_as_written(tmp_path, name, command, body, shown):
     for module in OPTIONAL:
         if re.search(rf"^(from|import) {module}\b", body, re.MULTILINE):
             pytest.importorskip(module)
@@ -124,6 +192,9 @@ def test_guide_script_runs_as_written(tmp_path, name, command, body):
     output = f"$ {command}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert result.returncode == 0, output
     assert TORCH_TEARDOWN_ABORT not in result.stderr, output
+    if shown is not None:
+        missing = missing_lines(shown, result.stdout)
+        assert not missing, f"the page shows lines the script did not print: {missing}\n{output}"
 
 
 def test_readme_job_example_sets_a_timeout_and_says_what_it_does():
