@@ -148,13 +148,11 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _full_grads(params):
-    return [(p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone() for p in params]
-
-
 def _record(norm, params, comms):
+    """The returned norm, and this rank's local gradients afterwards (compared with the ones before times the
+    reference coefficient in the test process: no collective to gather them)."""
     return dict(kind=type(norm).__name__, dtype=norm.dtype, value=norm.detach().clone(), comms=comms,
-                grads=_full_grads(params))
+                grads=[_local(p.grad).detach().clone() for p in params])
 
 
 def _rank_case(case, norm_types, with_torchtitan):
@@ -172,7 +170,7 @@ def _rank_case(case, norm_types, with_torchtitan):
                 norm = clip(params, MAX_NORM, p, pp_mesh=pp_mesh, ep_enabled=ep_enabled)
             entry[api] = _record(norm, params, mode.get_total_counts())
         out.append(entry)
-    return out
+    return dict(before=saved, clips=out)
 
 
 def _rank_nonfinite(case):
@@ -219,7 +217,7 @@ def _check_against_float64(case, entries, norm_types, api):
         ref = float64_norm(ref_tensors, p)
         values = []
         for r, rank_entries in enumerate(entries):
-            got = rank_entries[j][api]
+            got = rank_entries["clips"][j][api]
             what = f"{label} p={p} rank {r} {api}"
             assert got["kind"] == "Tensor", what  # a plain tensor, not a DTensor, as torchtitan returns
             assert got["dtype"] == dtype, what
@@ -228,21 +226,12 @@ def _check_against_float64(case, entries, norm_types, api):
             if api == "distclip":
                 assert got["comms"] == 1, (what, got["comms"])
             c = coefficient(ref if api == "distclip" else got["value"].item())
-            stage_tensors = _stage_reference(case, r)
-            for name, grad, expected in zip([t[0] for t in tensors], got["grads"], stage_tensors):
-                want = (expected * c).to(grad.dtype)
+            for name, grad, before in zip([t[0] for t in tensors], got["grads"], rank_entries["before"]):
+                want = (before.double() * c).to(grad.dtype)
                 rtol, atol = (GRAD_RTOL, GRAD_ATOL) if grad.dtype == torch.float32 else (1e-2, 1e-2)  # bf16 ulps
                 torch.testing.assert_close(grad, want, rtol=rtol, atol=atol, msg=f"{what} {name}")
         if api == "distclip":
             assert all(torch.equal(v, values[0]) for v in values), f"{label} p={p}: ranks differ: {values}"
-
-
-def _stage_reference(case, rank):
-    """The full float64 tensors of ``rank``'s stage (the 2x2 pipeline meshes put ranks 0, 1 in stage 0)."""
-    label, meshes, pp, _, tensors = case
-    stage = rank // (WORLD_SIZE // meshes[pp[0]][0][0]) if pp else 0
-    return [seeded(label, name, stage if per_stage else 0, shape, dtype).double()
-            for name, shape, dtype, _, _, _, per_stage in tensors]
 
 
 def test_matches_float64_on_every_layout(worlds):
@@ -268,7 +257,7 @@ def test_matches_torchtitan_clip(worlds):
         _check_against_float64(case, entries, NORM_TYPES, "torchtitan")
         for r, rank_entries in enumerate(entries):
             for j, p in enumerate(NORM_TYPES):
-                ours, theirs = rank_entries[j]["distclip"], rank_entries[j]["torchtitan"]
+                ours, theirs = rank_entries["clips"][j]["distclip"], rank_entries["clips"][j]["torchtitan"]
                 what = f"{case[0]} p={p} rank {r}"
                 assert (ours["kind"], ours["dtype"]) == (theirs["kind"], theirs["dtype"]), what
                 assert ours["value"].shape == theirs["value"].shape == (), what
