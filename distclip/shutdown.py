@@ -4,7 +4,8 @@ With torch 2.13, a process that used a gloo process group can abort as Python sh
 work: the group's worker threads outlive ``torch.distributed.destroy_process_group()``, and one that frees a
 finished collective's tensors while the interpreter tears itself down ends the process with ``terminate called
 without an active exception`` (SIGABRT). Under ``torchrun`` that one rank's abort makes the whole job fail
-(``ChildFailedError``, exit status 1), about 1 run in 10 of a small DDP script on 2 CPU processes.
+(``ChildFailedError``, exit status 1): seen in about 1 run in 8 of a small DDP script on 2 CPU processes of a
+2-core machine; it is a race, and its odds depend on the machine and its load.
 
 `exit_cleanly` ends the process without that teardown. distclip's examples, ``distclip demo`` and the launch
 scripts end with it::

@@ -1,7 +1,7 @@
 """``distclip.shutdown.exit_cleanly``: what it does in a real process, and that every distributed script ends with it.
 
 torch 2.13's gloo worker threads can abort a finished process as Python shuts down (``terminate called without an
-active exception``, about 1 run in 10 of a small DDP script on 2 processes), which fails a torchrun job that did
+active exception``, seen in about 1 run in 8 of a small DDP script on 2 processes), which fails a torchrun job that did
 all its work. The abort is a race, so no single run shows it; what is checked is that the helper ends a process
 that used a gloo group with the status it is given, its output flushed and its group destroyed, and that the
 guides' scripts, ``distclip demo`` and the launch scripts all end through it.
