@@ -50,7 +50,7 @@ class _MathCodeSpans(Treeprocessor):
 class MathCodeSpans(Extension):
     """Code spans holding LaTeX become inline MathML."""
 
-    def extendMarkdown(self, md: Markdown) -> None:  # noqa: N802 (Markdown's name)
+    def extendMarkdown(self, md: Markdown) -> None:
         md.treeprocessors.register(_MathCodeSpans(md), "distclip_math_code_spans", 15)  # after "inline"
 
 
