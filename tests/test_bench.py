@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 TIMEOUT_S = 120
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
 TARGETS = ("parity", "sharded_gpt2_floor", "sharded_bf16_vs_fsdp1", "sharded_tiny_per_tensor", "sharded_inf_vs_p2",
@@ -93,7 +95,15 @@ def test_bench_two_ranks_with_fsdp1(tmp_path):
     assert all(layout in judged for layout in LAYOUTS), judged
 
 
-def test_bench_one_layout(tmp_path):
-    result, report = bench(tmp_path, "--nproc", "2", "--workloads", "tiny", "--dtypes", "fp32", "--norm-types", "2",
-                           "--layouts", "separate", "--fsdp1-dtypes", "")
-    assert {r["layout"] for r in report["results"] if r["mode"] == "sharded"} == {"separate"}
+def test_layouts_flag_selects_the_sharded_layouts():
+    """``--layouts`` (or ``--layout``) picks the sharded runs' layouts; an unknown one is a usage error."""
+    from distclip import _cli
+
+    def config(*args):
+        return _cli._bench_config(_cli._parser().parse_args(["bench", *args]))
+
+    assert config().layouts == LAYOUTS
+    assert config("--layouts", "separate").layouts == ("separate",)
+    assert config("--layout", "fsdp2,views").layouts == ("fsdp2", "views")
+    with pytest.raises(SystemExit):
+        config("--layouts", "rows")
