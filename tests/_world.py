@@ -58,6 +58,33 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
     dist.destroy_process_group()
 
 
+def answers(target, world_size: int, args: tuple, ranks: set[int], timeout: float = TASK_TIMEOUT_S) -> dict:
+    """Start ``world_size`` fresh spawned processes ``target(rank, world_size, port, *args, results)`` (each makes
+    its own process group on ``port``) and return ``{rank: answer}`` for ``ranks``, where each process puts
+    ``(rank, *answer)`` on ``results``. Every process is joined, or killed, before it returns; ranks that give
+    no answer within ``timeout`` raise ``TimeoutError`` naming them (a hang)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, world_size, port, *args, results)) for r in range(world_size)]
+    for proc in procs:
+        proc.start()
+    got: dict[int, tuple] = {}
+    try:
+        deadline = time.monotonic() + timeout
+        while not ranks <= set(got):
+            rank, *answer = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            got[rank] = tuple(answer)
+    except queue.Empty:
+        raise TimeoutError(f"ranks {sorted(ranks - set(got))} gave no answer within {timeout} s (a hang)") from None
+    finally:
+        for proc in procs:
+            proc.join(timeout=15)
+            if proc.is_alive():
+                proc.kill()
+    return {r: got[r] for r in ranks}
+
+
 class World:
     def __init__(self, world_size: int):
         ctx = mp.get_context("spawn")

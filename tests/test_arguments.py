@@ -7,12 +7,10 @@ the launch environment, and 2 raw gloo ranks with a short timeout for a rank tha
 """
 
 import math
-import multiprocessing as mp
 import os
-import queue
-import time
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distclip
-from _world import _free_port
+from _world import answers
 
 INF, NAN = math.inf, math.nan
 REPO = Path(__file__).resolve().parents[1]
@@ -166,10 +164,10 @@ def test_every_entry_point_refuses_the_same_arguments_with_the_same_words(worlds
 # ---- AGC's collective: a rank that never calls -------------------------------------------------------------
 
 
-def _agc_lonely_rank(rank, port, results):
+def _agc_lonely_rank(rank, world_size, port, results):
     from distclip import _reduction
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=3))
     dist.all_reduce(torch.ones(1))  # a first collective that both make: gloo connects the ranks here
     if rank == 1:
@@ -187,27 +185,10 @@ def _agc_lonely_rank(rank, port, results):
 
 
 def test_agc_all_reduce_of_an_absent_rank_is_a_clear_error():
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_agc_lonely_rank, args=(r, port, results)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    outcomes = {}
-    try:
-        while len(outcomes) < 2:
-            rank, outcome = results.get(timeout=60)
-            outcomes[rank] = outcome
-    except queue.Empty:
-        pytest.fail(f"no answer from ranks {sorted({0, 1} - set(outcomes))} in 60 s")
-    finally:
-        for proc in procs:
-            proc.join(timeout=15)
-            if proc.is_alive():
-                proc.kill()
-    assert outcomes[0].startswith("RuntimeError: distclip: AGC's all_reduce of unit norms over a group of 2 ranks "
-                                  "failed on rank 0"), outcomes[0]
-    assert "did not make the same call within the group's timeout" in outcomes[0]
+    (outcome,) = answers(_agc_lonely_rank, 2, (), {0})[0]
+    assert outcome.startswith("RuntimeError: distclip: AGC's all_reduce of unit norms over a group of 2 ranks "
+                              "failed on rank 0"), outcome
+    assert "did not make the same call within the group's timeout" in outcome
 
 
 # ---- GradClipper's non-finite "propagate", as the docs state it --------------------------------------------

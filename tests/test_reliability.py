@@ -6,9 +6,7 @@ soak runs ``DISTCLIP_SOAK_CALLS`` clips (2000 by default) on 4 ranks.
 
 import gc
 import math
-import multiprocessing as mp
 import os
-import queue
 import random
 import threading
 import time
@@ -21,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import distclip
-from _world import _free_port
+from _world import answers
 from test_parity import DTYPES, Spec, compare
 
 SHORT_TIMEOUT = timedelta(seconds=3)
@@ -133,26 +131,8 @@ def _lonely_rank(rank: int, world_size: int, port: int, fate: str, results) -> N
 @pytest.mark.slow
 @pytest.mark.parametrize("fate", ["dies", "never_calls"])
 def test_survivors_get_a_clear_error_in_bounded_time(fate):
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    world_size, port = 3, _free_port()
-    procs = [ctx.Process(target=_lonely_rank, args=(r, world_size, port, fate, results)) for r in range(world_size)]
-    for proc in procs:
-        proc.start()
-    survivors = {}
-    try:
-        deadline = time.monotonic() + 60
-        while len(survivors) < world_size - 1:
-            rank, outcome, elapsed = results.get(timeout=max(0.1, deadline - time.monotonic()))
-            if rank < world_size - 1:
-                survivors[rank] = (outcome, elapsed)
-    except queue.Empty:
-        pytest.fail(f"survivors {sorted(set(range(world_size - 1)) - set(survivors))} hung (no answer in 60 s)")
-    finally:
-        for proc in procs:
-            proc.join(timeout=15)
-            if proc.is_alive():
-                proc.kill()
+    world_size = 3
+    survivors = answers(_lonely_rank, world_size, (fate,), set(range(world_size - 1)))
     for outcome, elapsed in survivors.values():
         assert outcome.startswith("RuntimeError: distclip: the clip's all_reduce over a group of 3 ranks"), outcome
         assert "did not make the same call within the group's timeout" in outcome
