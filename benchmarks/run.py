@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from distclip import _bench, _cli
+from distclip._tools import bench as _bench
+from distclip._tools import cli as _cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "benchmarks.md"

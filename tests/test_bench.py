@@ -97,10 +97,10 @@ def test_bench_two_ranks_with_fsdp1(tmp_path):
 
 def test_layouts_flag_selects_the_sharded_layouts():
     """``--layouts`` (or ``--layout``) picks the sharded runs' layouts; an unknown one is a usage error."""
-    from distclip import _cli
+    from distclip._tools import cli
 
     def config(*args):
-        return _cli._bench_config(_cli._parser().parse_args(["bench", *args]))
+        return cli._bench_config(cli._parser().parse_args(["bench", *args]))
 
     assert config().layouts == LAYOUTS
     assert config("--layouts", "separate").layouts == ("separate",)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import distclip
-from distclip._cli import main
+from distclip._tools.cli import main
 
 TIMEOUT_S = 60
 # The demo's ranks take seconds to start; a refused flag is answered in the time it takes to import torch.

@@ -910,7 +910,7 @@ def test_strided_gradients_are_normed_without_a_copy_of_their_size(dtype):
     float64 kernel would upcast a copy of the whole tensor, 64 MiB here, and aminmax would copy it). Dense
     permutations (a transpose, channels_last) are read as they lie; tensors with gaps or repeats a slice at a
     time through the buffer."""
-    from distclip._bench import peak_extra_bytes
+    from distclip._tools.bench import peak_extra_bytes
     from distclip._partials import local_row
 
     base = torch.randn(1 << 23, generator=torch.Generator().manual_seed(3)).to(dtype)

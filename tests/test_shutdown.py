@@ -90,7 +90,7 @@ def test_launch_scripts_end_with_exit_cleanly(path):
 
 def test_demo_ranks_end_with_exit_cleanly():
     # Spawned ranks and torchrun ranks both: each a call of exit_cleanly at the end of its function.
-    from distclip import _demo
+    from distclip._tools import demo as _demo
 
     source = (REPO / "distclip" / "_demo.py").read_text()
     for function in (_demo._spawned_rank, _demo._run_torchrun_rank):

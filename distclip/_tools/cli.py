@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import torch
 
 import distclip
-from distclip import _arguments, _bench, _demo
+from distclip import _arguments
+from distclip._tools import bench as _bench
+from distclip._tools import demo as _demo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
