@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distclip import _partials, _reduction, _total_norm
+from distclip._clip import partials, reduction, row, total_norm
 
 
 def _rank(rank: int, world_size: int, port: int, calls: int, results) -> None:
@@ -32,17 +32,17 @@ def _rank(rank: int, world_size: int, port: int, calls: int, results) -> None:
         local = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float64)))
         dist.all_reduce(local.pow(2))
 
-    def reduction(arguments, check):
+    def reduced(arguments, check):
         def run():
-            row = _partials.local_row(grads, 2.0, None, torch.device("cpu"), arguments)
-            rows = _reduction.gather_rows(row, dist.group.WORLD)
+            local = partials.local_norm(grads, 2.0, None, torch.device("cpu"))
+            rows = reduction.gather_rows(row.encode(local, arguments, torch.device("cpu")), dist.group.WORLD)
             if check:
-                _total_norm.check_agreement(rows)
-            _total_norm.from_rows(rows, 2.0)
+                row.check_agreement(rows)
+            total_norm.from_rows(rows, 2.0)
 
         return run
 
-    variants = [("minimal", minimal), ("no check", reduction((), False)), ("distclip", reduction(arguments, True))]
+    variants = [("minimal", minimal), ("no check", reduced((), False)), ("distclip", reduced(arguments, True))]
     timings = {}
     for name, fn in variants * 3:  # interleaved
         dist.barrier()

@@ -165,7 +165,7 @@ def test_every_entry_point_refuses_the_same_arguments_with_the_same_words(worlds
 
 
 def _agc_lonely_rank(rank, world_size, port, results):
-    from distclip import _reduction
+    from distclip._clip import reduction as _reduction
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=3))

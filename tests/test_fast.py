@@ -16,7 +16,7 @@ import torch.nn.utils as tnu
 from test_parity import DTYPES, NORM_TYPES, Spec, compare
 
 import distclip
-from distclip import _threads
+from distclip._clip import threads as _threads
 
 # A few tensors above the grain size (read by several cores inside one kernel) among many small ones.
 MIXED_SHAPES = [(40_000,), (7,), (3, 5), (300, 200), (1,), (0,), (64, 64), (9,), (50_001,), (2, 2, 2)]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import distclip
-from distclip import _agc, _policies
+from distclip._service import agc as _agc, policies as _policies
 
 INF, NAN = math.inf, math.nan
 

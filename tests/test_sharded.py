@@ -817,7 +817,7 @@ def _arranged(arrangement, rank, dtype):
 
 
 def _rank_flat_views(arrangement, dtype, norm_type, max_norm):
-    from distclip import _layout
+    from distclip._clip import layout as _layout
 
     rank = dist.get_rank()
     buffer, views = _arranged(arrangement, rank, dtype)
@@ -889,7 +889,7 @@ def test_large_tensors_meet_the_accuracy_contract(worlds, dtype):
 
 
 def test_one_view_only_for_consecutive_contiguous_views_of_one_storage():
-    from distclip._layout import _one_view
+    from distclip._clip.layout import _one_view
 
     buffer = torch.arange(12.0)
     assert torch.equal(_one_view([buffer[:5], buffer[5:9].view(2, 2), buffer[9:]]), buffer)
@@ -911,7 +911,7 @@ def test_strided_gradients_are_normed_without_a_copy_of_their_size(dtype):
     permutations (a transpose, channels_last) are read as they lie; tensors with gaps or repeats a slice at a
     time through the buffer."""
     from distclip._tools.bench import peak_extra_bytes
-    from distclip._partials import local_row
+    from distclip._clip.partials import local_norm
 
     base = torch.randn(1 << 23, generator=torch.Generator().manual_seed(3)).to(dtype)
     cases = {
@@ -926,7 +926,7 @@ def test_strided_gradients_are_normed_without_a_copy_of_their_size(dtype):
     for name, grads in cases.items():
         for p in (2.0, 3.0, math.inf, -math.inf):
             reference = torch.linalg.vector_norm(torch.cat([g.double().reshape(-1) for g in grads]), p).item()
-            norm = local_row(grads, p, None, torch.device("cpu"), ())[0].item()
+            norm = local_norm(grads, p, None, torch.device("cpu")).item()
             assert abs(norm - reference) <= 1e-6 * reference, (name, p, norm, reference)
-            peak = peak_extra_bytes(lambda: local_row(grads, p, None, torch.device("cpu"), ()))
+            peak = peak_extra_bytes(lambda: local_norm(grads, p, None, torch.device("cpu")))
             assert peak is not None and peak <= 4 << 20, (name, p, peak)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 import distclip
-from distclip import _arguments
+from distclip._clip import arguments
 
 # The DeepSpeed releases the tests ran on, as [low, high). Keep setup.cfg's `deepspeed` extra the same.
 TESTED_VERSIONS = ((0, 19, 8), (0, 20, 0))
@@ -100,8 +100,8 @@ def attach(engine: Any, max_norm: float, norm_type: float | str = 2.0, error_if_
     """
     _check_version(_import_deepspeed().__version__)
     handle = ClipHandle(
-        _arguments.max_norm_value(max_norm, sharded=True),
-        _arguments.norm_order(norm_type, sharded=True, zero_padded=True),
+        arguments.max_norm_value(max_norm, sharded=True),
+        arguments.norm_order(norm_type, sharded=True, zero_padded=True),
         bool(error_if_nonfinite),
     )
     if engine in _attached:

@@ -1,100 +1,10 @@
-"""FSDP1 (``FullyShardedDataParallel``): its gradient layout in distclip's terms.
+"""FSDP1 (``FullyShardedDataParallel``): its gradient layout as ``distclip.clip_grad_norm_`` takes it.
 
-Each FSDP unit keeps one flat parameter per rank. Under a sharding strategy the flat parameter's gradient is
-this rank's shard over the unit's process group (for the hybrid strategies the intra-node group; the shards are
-replicated across nodes, and each node's group reduces on its own, as FSDP does). Under ``NO_SHARD`` it is the
-whole, already reduced gradient: a replica on every rank of the group. Parameters outside every unit (ignored
-modules) are taken as replicated and counted once, as ``FullyShardedDataParallel.clip_grad_norm_`` does.
-What that clip refuses is refused here too: a nested (non-root) unit, or a part of the model holding only
-nested units, whose gradients are a part of the model's.
-
-The flat parameters are FSDP internals (tested with torch 2.13); they are read in this module alone.
+``distclip.clip_module_grad_norm_`` and ``distclip.GradClipper`` read an FSDP1 model's layout themselves; this is
+the same translation for a caller who clips with ``clip_grad_norm_`` directly. The translation is part of the
+layout stage (``distclip/_clip/modules.py``), which the functional API needs without importing an integration.
 """
 
-import warnings
-from dataclasses import dataclass
-from typing import Any
+from distclip._clip.modules import fsdp1_parameter_groups as parameter_groups
 
-import torch
-from torch import Tensor
-from torch.distributed.fsdp import FullyShardedDataParallel
-
-
-@dataclass
-class _Piece:
-    """A gradient that is not a parameter's own ``.grad`` (a flat shard without its padding)."""
-
-    grad: Tensor
-
-
-def parameter_groups(module: torch.nn.Module) -> tuple[list[Any], Any]:
-    """``(parameters, group)`` for ``distclip.clip_grad_norm_`` that clip ``module`` as FSDP1 lays it out.
-
-    ``group`` is ``None`` when no gradient is sharded (every unit ``NO_SHARD``): then each rank holds the
-    whole gradient and the clip is local.
-    """
-    units = FullyShardedDataParallel.fsdp_modules(module)
-    _check_root(units)
-    groups = {id(u.process_group): u.process_group for u in units}
-    if len(groups) != 1:
-        raise ValueError(
-            "distclip: the FSDP units of this model use different process groups; clip each group's "
-            "parameters with distclip.clip_grad_norm_(..., group=...) instead"
-        )
-    (group,) = groups.values()
-    sharded: list[Any] = []
-    replicated: list[Any] = []
-    managed: set[int] = set()
-    any_sharded = False  # as FSDP decides it: by the units' strategies, whichever gradients this rank holds
-    for unit in units:
-        handle = _handle(unit)
-        if handle is None:
-            continue
-        flat = handle.flat_param
-        own = list(flat._params) if handle._use_orig_params else [flat]
-        managed.update(id(p) for p in own)
-        any_sharded = any_sharded or handle.uses_sharded_strategy
-        if not handle.uses_sharded_strategy:
-            replicated.extend(own)
-        elif handle._use_orig_params:
-            sharded.extend(own)  # their .grad are views of this rank's shard, padding excluded
-        elif flat.grad is not None:
-            sharded.append(_Piece(flat.grad[: flat.grad.numel() - flat._shard_numel_padded]))
-    replicated.extend(p for p in module.parameters() if id(p) not in managed)
-    if not any_sharded:
-        return replicated, None
-    return sharded + [{"params": replicated, "replicated_over": group}], group
-
-
-def _check_root(units: list[FullyShardedDataParallel]) -> None:
-    """Raise FSDP's ``RuntimeError`` if ``units`` (the FSDP units inside the module to clip) are nested units
-    of a root outside the module: their norm would be that of a part of the model's gradient. Before the first
-    forward FSDP has not decided which unit is the root (``_is_root`` is None): nothing to refuse yet."""
-    if any(unit._is_root is False for unit in units) and not any(unit._is_root for unit in units):
-        raise RuntimeError(
-            "distclip: `clip_grad_norm_()` should only be called on the root FSDP instance (as "
-            "FullyShardedDataParallel.clip_grad_norm_ says): this module holds nested FSDP units only, whose "
-            "gradients are a part of the model's. Clip the root (the outermost FullyShardedDataParallel), or this "
-            "part alone on purpose with distclip.clip_grad_norm_(part.parameters(), ..., group=...)"
-        )
-
-
-def warn_no_gradients(group: Any, dtype: torch.dtype, stacklevel: int) -> None:
-    """FSDP's ``UserWarning`` for a clip on a rank that holds no gradient (text and rank as FSDP words them)."""
-    warnings.warn(
-        f"Called FSDP.clip_grad_norm_() on rank {torch.distributed.get_rank(group)} with no gradients -- "
-        f"returning the total norm in the default dtype {dtype}",
-        stacklevel=stacklevel + 1,
-    )
-
-
-def _handle(unit: FullyShardedDataParallel) -> Any:
-    handle = unit._handle
-    if handle is not None and not all(
-        hasattr(handle, name) for name in ("flat_param", "uses_sharded_strategy", "_use_orig_params")
-    ):
-        raise RuntimeError(
-            f"distclip: this torch ({torch.__version__}) lays out FSDP1's flat parameters differently from the "
-            "versions distclip was tested with (2.13); clip with FullyShardedDataParallel.clip_grad_norm_"
-        )
-    return handle
+__all__ = ["parameter_groups"]

@@ -34,7 +34,6 @@ Differences, by design (docs/migration.md):
   the world).
 """
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,8 +96,9 @@ def clip_grad_by_total_norm_fp32(
 def _group(grads: list[Tensor], group: Any) -> Any:
     """The group the pieces are reduced over: ``group`` (the world for ``None``), or the world when some
     gradients are DTensors, which Megatron reduces over their mesh's group and then over ``group``."""
-    module = sys.modules.get("torch.distributed.tensor")  # not imported: no gradient is a DTensor
-    meshes = [g.device_mesh for g in grads if module is not None and isinstance(g, module.DTensor)]
+    from torch.distributed.tensor import DTensor
+
+    meshes = [g.device_mesh for g in grads if isinstance(g, DTensor)]
     if group is None or group is dist.group.WORLD:
         return dist.group.WORLD
     if not meshes:

@@ -41,7 +41,6 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 import distclip
-from distclip._layout import local_tensor
 
 
 @torch.no_grad()
@@ -68,7 +67,8 @@ def clip_grad_norm_(
         _check_ep(parameters)
     group = None if pp_mesh is None else _group(parameters, pp_mesh)
     total_norm = distclip.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach, group=group)
-    return local_tensor(total_norm).to(_dtype(grads, ep_enabled))
+    local = total_norm.to_local() if isinstance(total_norm, DTensor) else total_norm
+    return local.to(_dtype(grads, ep_enabled))
 
 
 def _group(parameters: list[Tensor], pp_mesh: Any) -> Any:

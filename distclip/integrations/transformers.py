@@ -19,12 +19,10 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from distclip._clipper import ClipReport, GradClipper
-
-_TRAINER_OWNS = ("optimizer", "scaler", "fused")
+from distclip.integrations._callback import ClipperSteps
 
 
-class GradClipperCallback(TrainerCallback):
+class GradClipperCallback(ClipperSteps, TrainerCallback):
     """Clip every optimizer step with a `distclip.GradClipper` built on the first step.
 
     Args:
@@ -36,18 +34,7 @@ class GradClipperCallback(TrainerCallback):
     """
 
     def __init__(self, max_norm: float, norm_type: float | str = 2.0, *, prefix: str = "grad/", **options: Any) -> None:
-        taken = sorted(set(options) & set(_TRAINER_OWNS))
-        if taken:
-            raise ValueError(
-                f"distclip: under the Trainer the optimizer and GradScaler are the Trainer's; drop {taken}"
-            )
-        self.max_norm = max_norm
-        self.norm_type = norm_type
-        self.prefix = prefix
-        self.options = options
-        self.clipper: GradClipper | None = None
-        self.last_report: ClipReport | None = None
-        self._saved: dict[str, Any] | None = None
+        self._start(max_norm, norm_type, prefix, options, "the Trainer")
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -62,18 +49,7 @@ class GradClipperCallback(TrainerCallback):
     ) -> None:
         optimizer = kwargs["optimizer"]
         inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
-        if self.clipper is None:
-            self.clipper = GradClipper(
-                kwargs["model"], self.max_norm, self.norm_type,
-                scaler=getattr(optimizer, "scaler", None), optimizer=inner, **self.options,
-            )
-            if self._saved is not None:
-                self.clipper.load_state_dict(self._saved)
-        report = self.last_report = self.clipper.clip_()
-        if report.skipped:
-            for group in inner.param_groups:
-                for param in group["params"]:
-                    param.grad = None
+        self._clip_step(kwargs["model"], inner, getattr(optimizer, "scaler", None))
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -81,12 +57,3 @@ class GradClipperCallback(TrainerCallback):
     ) -> None:
         if logs is not None and self.last_report is not None and "loss" in logs:
             logs.update(self.last_report.as_dict(self.prefix, host=True))
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.clipper.state_dict() if self.clipper is not None else dict(self._saved or {})
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.clipper is not None:
-            self.clipper.load_state_dict(state_dict)
-        else:
-            self._saved = state_dict

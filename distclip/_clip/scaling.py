@@ -3,8 +3,8 @@
 import torch
 from torch import Tensor
 
-from distclip import _threads
-from distclip._foreach import kernel_groups
+from distclip._clip import threads
+from distclip._clip.foreach import kernel_groups
 
 
 def scale_(grads: list[Tensor], coefficient: Tensor, foreach: bool | None) -> None:
@@ -22,8 +22,8 @@ def _scale_group_(group: list[Tensor], coefficient: Tensor, use_foreach: bool) -
 
 
 def scale_parts_(parts: list[list[Tensor]], coefficient: Tensor, use_foreach: bool) -> None:
-    """`scale_` of one device/dtype group split into ``parts`` (`_threads.split`), the parts on threads at once."""
-    _threads.map_parts(lambda part: _scale_group_(part, coefficient, use_foreach), parts)
+    """`scale_` of one device/dtype group split into ``parts`` (`threads.split`), the parts on threads at once."""
+    threads.map_parts(lambda part: _scale_group_(part, coefficient, use_foreach), parts)
 
 
 def clamp_(grads: list[Tensor], clip_value: float, foreach: bool | None) -> None:

@@ -4,7 +4,7 @@ Single-process mode takes the per-tensor norms exactly as ``torch.nn.utils`` doe
 the gradients' own dtype). Sharded mode needs the rank's local norm accurate over the whole float32 range: on
 accelerators from float64 kernels; on the CPU, where those read ~10x slower, from float32 kernels with the
 pieces that overflowed or underflowed normed again in float64. The local norm goes, with the call's
-arguments, into this rank's row of the reduction (`ROW`).
+arguments, into this rank's row of the reduction (`distclip._clip.row`).
 """
 
 import math
@@ -12,12 +12,9 @@ import math
 import torch
 from torch import Tensor
 
-from distclip import _threads
-from distclip._foreach import kernel_groups
+from distclip._clip import threads
+from distclip._clip.foreach import kernel_groups
 
-# A rank's row in the reduction: its local norm, whether it counted any element, and the call's arguments
-# (every rank must pass the same; ``max_norm`` is -1 for ``get_total_norm``).
-ROW = ("local_norm", "has_elements", "norm_type", "max_norm", "error_if_nonfinite")
 # For p up to this, |x| ** p of every float32 value (2**-149 .. 2**128) is a normal float64 number, so the
 # float64 norm kernels neither overflow nor underflow; above it each tensor is first scaled by its max |x|.
 _PLAIN_FLOAT64_MAX_P = 6.0
@@ -34,9 +31,9 @@ def tensor_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[
 
 
 def part_norms(parts: list[list[Tensor]], p: float, use_foreach: bool) -> Tensor:
-    """`tensor_norms` of one device/dtype group split into ``parts`` (`_threads.split`), as one vector in
+    """`tensor_norms` of one device/dtype group split into ``parts`` (`threads.split`), as one vector in
     order: the same kernel per tensor, the parts on threads at once."""
-    return torch.cat(_threads.map_parts(lambda part: torch.stack(_norms(part, p, use_foreach)), parts))
+    return torch.cat(threads.map_parts(lambda part: torch.stack(_norms(part, p, use_foreach)), parts))
 
 
 def _norms(group: list[Tensor], p: float, use_foreach: bool, dtype: torch.dtype | None = None) -> list[Tensor]:
@@ -45,20 +42,17 @@ def _norms(group: list[Tensor], p: float, use_foreach: bool, dtype: torch.dtype 
     return [torch.linalg.vector_norm(g, p, dtype=dtype) for g in group]
 
 
-def local_row(
-    grads: list[Tensor], p: float, foreach: bool | None, device: torch.device, arguments: tuple[float, ...]
-) -> Tensor:
-    """This rank's row of the reduction (see `ROW`): a float64 vector on ``device``.
+def local_norm(grads: list[Tensor], p: float, foreach: bool | None, device: torch.device) -> Tensor | None:
+    """This rank's local norm as a float64 0-d tensor on ``device``, or ``None`` if it holds no element.
 
     The local norm is ``||(||g_1||_p, ..., ||g_k||_p)||_p`` over the non-empty local tensors, every norm in
     float64 (max |x| for inf, min |x| for -inf); empty tensors (an empty FSDP shard) hold no element and
     are left out, as torch's inf norm of one raises.
     """
     grads = [g for g in grads if g.numel()]
-    row = torch.tensor([0.0, float(bool(grads)), *arguments], dtype=torch.float64, device=device)
-    if grads:
-        row[0] = combine_float64(torch.cat([n.to(device) for n in _float64_norms(grads, p, foreach)]), p)
-    return row
+    if not grads:
+        return None
+    return combine_float64(torch.cat([n.to(device) for n in _float64_norms(grads, p, foreach)]), p)
 
 
 def combine_float64(norms: Tensor, p: float) -> Tensor:
@@ -119,7 +113,7 @@ _DIRECT_CHUNK = 1 << 22
 # Elements in a row of such a chunk. torch's float32 2-norm kernel adds a row in a few running sums, so over a
 # whole tensor it is off by 1e-5 at 16K equal elements (the worst case of running sums) and by 3e-3 on a
 # 38M-element tensor; over rows of 1024 it stays under 2e-6, and the rows' norms are combined in float64.
-_ROW = 1 << 10
+_ROW_LENGTH = 1 << 10
 # A float32 p-th power sum at or above this is as accurate as float32 sums are: each term lost to underflow was
 # below 2**-149, so 2**40 of them stay under 2**-109, a 2**-49 fraction of the sum. Below it (a tiny or all-zero
 # piece) the piece is normed again in float64.
@@ -130,7 +124,7 @@ def _fast_then_exact(group: list[Tensor], p: float, dtype: torch.dtype) -> list[
     r"""Float64 norms of pieces of a float32/bfloat16/float16 CPU ``group``, where float64 kernels read ~10x
     slower than float32 ones (and upcast a copy of what they read).
 
-    For p = 2, a chunk of a large contiguous float32 tensor is read in place as rows of ``_ROW`` elements:
+    For p = 2, a chunk of a large contiguous float32 tensor is read in place as rows of ``_ROW_LENGTH`` elements:
     `\|row\|_2` by torch's float32 norm kernel, the sum of their squares in float64. Every other piece (small
     tensors side by side, the short ends of large ones, chunks of bfloat16/float16 ones, slices of strided ones;
     every piece for p != 2, whose norm kernel reads ~10x slower) goes through a float32 buffer: `|x|^p`
@@ -143,11 +137,11 @@ def _fast_then_exact(group: list[Tensor], p: float, dtype: torch.dtype) -> list[
     buffer_size = min(_CHUNK, sum(numels))
     buffer = None  # made for the first piece that needs it: large float32 tensors are read in place for p = 2
     pieces, sums = [], []
-    for batch, size in _batches(group, numels, _DIRECT_CHUNK if direct else _CHUNK, _ROW if direct else 1):
+    for batch, size in _batches(group, numels, _DIRECT_CHUNK if direct else _CHUNK, _ROW_LENGTH if direct else 1):
         first = batch[0]
         pieces.append(batch)
-        if direct and len(batch) == 1 and first.is_contiguous() and size % _ROW == 0:
-            row_norms = torch.linalg.vector_norm(first.view(-1, _ROW), dim=1).to(torch.float64)
+        if direct and len(batch) == 1 and first.is_contiguous() and size % _ROW_LENGTH == 0:
+            row_norms = torch.linalg.vector_norm(first.view(-1, _ROW_LENGTH), dim=1).to(torch.float64)
             sums.append(torch.dot(row_norms, row_norms))
             continue
         if buffer is None:
@@ -183,7 +177,7 @@ def _batches(group: list[Tensor], numels: list[int], chunk: int, row: int = 1):
     batch, size = [], 0
     for g, n in zip(group, numels):
         if n >= _CHUNK:
-            flat = _flat(g)
+            flat = _dense_view(g)
             if flat is None:
                 yield from (([s], s.numel()) for s in _slices(g, _CHUNK))
                 continue
@@ -207,7 +201,7 @@ def _joined(batch: list[Tensor], out: Tensor | None = None) -> Tensor:
     return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in batch], out=out)
 
 
-def _flat(t: Tensor) -> Tensor | None:
+def _dense_view(t: Tensor) -> Tensor | None:
     """``t``'s elements as a 1-D view in memory order if they fill their memory without gaps or overlaps: a
     contiguous tensor, or a permutation of one's dimensions (a transpose, channels_last); else None."""
     if t.is_contiguous():

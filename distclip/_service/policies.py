@@ -18,9 +18,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from distclip._arguments import require
-
-_F64 = torch.float64
+from distclip._clip.arguments import require
 
 
 class Policy:
@@ -38,7 +36,7 @@ class Policy:
     def decide(self, norm: Tensor) -> Tensor:
         """Record ``norm`` (a 0-d tensor) and return this step's threshold, a 0-d float64 tensor beside it."""
         state = self._state_on(norm.device)
-        threshold, new_state = self._decide(norm.detach().to(_F64), state)
+        threshold, new_state = self._decide(norm.detach().to(torch.float64), state)
         for name, value in new_state.items():
             state[name] = value
         return threshold
@@ -126,9 +124,9 @@ class AutoClip(Policy):
         bins = torch.arange(self.bins, device=counts.device)
         counts = counts + ((bins == index) & finite).to(torch.int64)
         seen = counts.sum()
-        rank = torch.clamp(torch.ceil(seen.to(_F64) * (self.percentile / 100.0)), min=1).to(torch.int64)
+        rank = torch.clamp(torch.ceil(seen.to(torch.float64) * (self.percentile / 100.0)), min=1).to(torch.int64)
         holding = (counts.cumsum(0) < rank).sum()  # the first bin whose cumulative count reaches the rank
-        edge = torch.exp2(self.min_exponent + (holding + 1).to(_F64) / self.bins_per_octave)
+        edge = torch.exp2(self.min_exponent + (holding + 1).to(torch.float64) / self.bins_per_octave)
         return torch.where(seen > 0, edge, math.inf), {"counts": counts}
 
 
@@ -165,10 +163,10 @@ class ZClip(Policy):
 
     def _initial_state(self, device: torch.device) -> dict[str, Tensor]:
         return {
-            "warmup": torch.zeros(self.warmup_steps, dtype=_F64, device=device),
+            "warmup": torch.zeros(self.warmup_steps, dtype=torch.float64, device=device),
             "count": torch.zeros((), dtype=torch.int64, device=device),
-            "mean": torch.zeros((), dtype=_F64, device=device),
-            "var": torch.zeros((), dtype=_F64, device=device),
+            "mean": torch.zeros((), dtype=torch.float64, device=device),
+            "var": torch.zeros((), dtype=torch.float64, device=device),
         }
 
     def _decide(self, norm: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -224,7 +222,7 @@ class SpikeSkip(Policy):
 
     def _initial_state(self, device: torch.device) -> dict[str, Tensor]:
         return {
-            "values": torch.zeros(self.window, dtype=_F64, device=device),
+            "values": torch.zeros(self.window, dtype=torch.float64, device=device),
             "count": torch.zeros((), dtype=torch.int64, device=device),
         }
 
@@ -233,7 +231,7 @@ class SpikeSkip(Policy):
         slots = torch.arange(self.window, device=values.device)
         held = torch.clamp(count, max=self.window)
         valid = slots < held
-        n = held.to(_F64)
+        n = held.to(torch.float64)
         mean = torch.where(valid, values, 0.0).sum() / torch.clamp(n, min=1)
         var = torch.where(valid, (values - mean).square(), 0.0).sum() / torch.clamp(n - 1, min=1)
         threshold = torch.where(held >= self.min_history, mean + self.sigma * var.sqrt(), math.inf)
@@ -253,8 +251,8 @@ class Decision:
 
 def decide(policies: list[Policy], norm: Tensor, max_norm: float) -> Decision:
     """Every policy's threshold for ``norm``, combined (see `Decision`). No host synchronisation."""
-    clip = torch.full((), max_norm, dtype=_F64, device=norm.device)
-    skip = torch.full((), math.inf, dtype=_F64, device=norm.device)
+    clip = torch.full((), max_norm, dtype=torch.float64, device=norm.device)
+    skip = torch.full((), math.inf, dtype=torch.float64, device=norm.device)
     for policy in policies:
         threshold = policy.decide(norm)
         if policy.action == "skip":

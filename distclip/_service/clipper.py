@@ -1,10 +1,10 @@
-r"""GradClipper: the clipping service of a training loop, over the stages of ``_clip_grad``.
+r"""GradClipper: the clipping service of a training loop, over the clip's stages (``distclip/_clip/``).
 
 Every `GradClipper.clip_` runs, top to bottom:
 
-    AMP unscale (GradScaler) -> layout -> total norm (one reduction when sharded) -> non-finite policy
-        -> per-unit norms (on request) -> thresholds (_policies) -> coefficient -> scaling, or AGC's
-        unit-wise scaling (_agc), or nothing (fused: the optimizer's kernel scales) -> report
+    AMP unscale (amp) -> layout -> total norm (pipeline: one reduction when sharded) -> non-finite policy
+        -> per-unit norms (units, on request) -> thresholds (policies) -> coefficient -> scaling, or AGC's
+        unit-wise scaling (agc), or nothing (fused: the optimizer's kernel scales) -> report (report)
 
 Everything it computes stays on the gradients' device, as tensors: the thresholds and the decision to skip are
 functions of the global norm, which is the same on every rank, so every rank takes the same decisions and
@@ -13,99 +13,21 @@ logger) when it wants the numbers.
 """
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from distclip import _agc, _arguments, _clip_grad, _coefficient, _layout, _partials, _policies, _reduction, _scaling
-from distclip import _total_norm
-from distclip._agc import AGC
-from distclip._module import _is_fsdp1, _layout_of
-from distclip._policies import Policy
+from distclip._clip import arguments, coefficient, layout, modules, pipeline, reduction, scaling
+from distclip._clip.layout import Layout
+from distclip._service import agc, amp, policies
+from distclip._service.agc import AGC
+from distclip._service.policies import Policy
+from distclip._service.report import ClipReport
+from distclip._service.units import Units, flat_parameters
 
-_F64 = torch.float64
 _NONFINITE = ("propagate", "raise", "skip")
 _UNITS = ("parameter", "module")
-# Module names that wrappers insert into parameter names; per-unit norms are named without them.
-_WRAPPER_NAMES = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
-
-
-@dataclass(frozen=True)
-class ClipReport:
-    """What one `GradClipper.clip_` did. Every field is a 0-d tensor on the gradients' device with the
-    same value on every rank (``unit_norms``: one per unit), so building it never synchronises; reading a
-    value (``float()``, ``.item()``, `skipped`, ``as_dict(host=True)``) does.
-
-    - ``norm``: the pre-clip total norm, as `distclip.clip_grad_norm_` returns it (the gradients' dtype
-      on one process, float64 when sharded).
-    - ``threshold``: this step's clip threshold, ``min(max_norm, every clip policy's threshold)`` (float64).
-    - ``coefficient``: what the gradients are multiplied by, ``min(threshold / (norm + 1e-6), 1)``, and 1 on a
-      skipped step. With AGC, the global factor; each unit takes the smaller of it and its own.
-    - ``clipped``: whether clipping changed the gradients (``coefficient < 1``; with AGC, ``post_norm < norm``).
-    - ``post_norm``: the norm after clipping (``norm * coefficient``; measured again with AGC).
-    - ``nonfinite``: whether ``norm`` is NaN or inf.
-    - ``skip``: whether this step must be skipped (a skip policy fired, or ``nonfinite="skip"`` met a
-      non-finite norm); the gradients are then left unchanged.
-    - ``skip_threshold``: the skip policies' threshold (``inf`` without any).
-    - ``steps``, ``clipped_steps``, ``skipped_steps``: int64 counts over the clipper's life (restored by
-      `GradClipper.load_state_dict`).
-    - ``unit_names``, ``unit_norms``: the pre-clip norms per parameter or per module, when asked.
-    - ``may_skip``: whether this clipper can skip at all; when not, `skipped` reads nothing.
-    """
-
-    norm: Tensor
-    threshold: Tensor
-    coefficient: Tensor
-    clipped: Tensor
-    post_norm: Tensor
-    nonfinite: Tensor
-    skip: Tensor
-    skip_threshold: Tensor
-    steps: Tensor
-    clipped_steps: Tensor
-    skipped_steps: Tensor
-    unit_names: tuple[str, ...] = ()
-    unit_norms: Tensor | None = None
-    may_skip: bool = False
-
-    @property
-    def skipped(self) -> bool:
-        """Whether the step is skipped, as a Python bool: this reads the device (one synchronisation), unless
-        the clipper cannot skip (``may_skip`` is False)."""
-        return self.may_skip and bool(self.skip)
-
-    @property
-    def clip_rate(self) -> Tensor:
-        """The fraction of steps so far whose gradients were clipped, ``clipped_steps / steps`` (float64)."""
-        return self.clipped_steps.to(_F64) / self.steps.to(_F64)
-
-    def as_dict(self, prefix: str = "", *, host: bool = False) -> dict[str, Any]:
-        """A flat ``{name: value}`` dict for loggers, every value a float64 0-d tensor (no synchronisation),
-        or with ``host=True`` a Python float (one synchronisation for the whole dict).
-
-        Keys, after ``prefix``: ``norm``, ``post_norm``, ``threshold``, ``coefficient``, ``clipped``,
-        ``nonfinite``, ``clip_rate``, with ``skipped``, ``skipped_steps`` and ``skip_threshold`` when the
-        clipper can skip, and ``norm/<unit>`` for each per-unit norm.
-        """
-        values = {
-            "norm": self.norm,
-            "post_norm": self.post_norm,
-            "threshold": self.threshold,
-            "coefficient": self.coefficient,
-            "clipped": self.clipped,
-            "nonfinite": self.nonfinite,
-            "clip_rate": self.clip_rate,
-        }
-        if self.may_skip:
-            values.update(skipped=self.skip, skipped_steps=self.skipped_steps, skip_threshold=self.skip_threshold)
-        names = [prefix + name for name in values] + [f"{prefix}norm/{name}" for name in self.unit_names]
-        scalars = [v.to(self.norm.device, _F64).reshape(1) for v in values.values()]
-        if self.unit_norms is not None:
-            scalars.append(self.unit_norms.to(self.norm.device, _F64))
-        stacked = torch.cat(scalars)
-        return dict(zip(names, stacked.tolist() if host else stacked.unbind()))
 
 
 class GradClipper:
@@ -155,7 +77,7 @@ class GradClipper:
         max_norm: float,
         norm_type: float | str = 2.0,
         *,
-        group: Any = _arguments.NO_GROUP,
+        group: Any = arguments.NO_GROUP,
         policy: Policy | AGC | Sequence[Policy | AGC] | None = None,
         nonfinite: str = "propagate",
         norms: str | None = None,
@@ -164,7 +86,7 @@ class GradClipper:
         fused: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        group = _arguments.process_group(group)
+        group = arguments.process_group(group)
         if isinstance(target, torch.nn.Module):
             if group is not None:
                 raise ValueError(
@@ -176,29 +98,29 @@ class GradClipper:
             self._module = None
             self._parameters = _target_parameters(target)
             if group is not None:
-                _reduction.membership(group)  # a clear error now for what is not a group this rank is in
+                reduction.membership(group)  # a clear error now for what is not a group this rank is in
         self._group = group
-        self.max_norm = _arguments.max_norm_value(max_norm, sharded=True)
+        self.max_norm = arguments.max_norm_value(max_norm, sharded=True)
         self.norm_type = norm_type
-        self._p = _arguments.norm_order(norm_type, sharded=True)
+        self._p = arguments.norm_order(norm_type, sharded=True)
         self.foreach = foreach
         self._policies, self._agc = _split_policies(policy)
-        self.nonfinite = _arguments.choice("GradClipper", "nonfinite", nonfinite, _NONFINITE)
-        self.scaler = _arguments.of_type(scaler, "GradClipper", "scaler", "a torch.amp.GradScaler or None",
+        self.nonfinite = arguments.choice("GradClipper", "nonfinite", nonfinite, _NONFINITE)
+        self.scaler = arguments.of_type(scaler, "GradClipper", "scaler", "a torch.amp.GradScaler or None",
                                          torch.amp.GradScaler)
         self.optimizer = _optimizer(optimizer)
         self.fused = fused
         self._check_options(norms)
-        self._units = _Units.of(self._module, self._parameters, norms) if norms else None
+        self._units = Units.of(self._module, self._parameters, norms) if norms else None
         self._may_skip = nonfinite == "skip" or any(p.action == "skip" for p in self._policies)
         self._counters: dict[str, Tensor] | None = None
         self._arguments_checked = False
 
     def _check_options(self, norms: str | None) -> None:
-        _arguments.choice("GradClipper", "norms", norms, (None, *_UNITS))
+        arguments.choice("GradClipper", "norms", norms, (None, *_UNITS))
         if norms == "module" and self._module is None:
             raise ValueError('distclip: norms="module" needs a module target, to know which module owns what')
-        if (norms or self._agc) and self._module is not None and _is_fsdp1(self._module):
+        if (norms or self._agc) and self._module is not None and modules.is_fsdp1(self._module):
             raise ValueError(
                 "distclip: per-unit norms and AGC need each parameter's own gradient, and FSDP1 keeps this "
                 "rank's shard of flat parameters (cut at arbitrary offsets, also with use_orig_params=True): "
@@ -236,39 +158,42 @@ class GradClipper:
         ``norm_type`` and ``max_norm`` (every rank raises together if not). Every rank of the group must call.
         """
         self._unscale()
-        parameters, group = _layout_of(self._module) if self._module is not None else (self._parameters, self._group)
-        layout = _layout.of_parameters(parameters, group)
-        norm = self._total_norm(layout)
+        if self._module is not None:
+            parameters, group = modules.parameters_of(self._module)
+        else:
+            parameters, group = self._parameters, self._group
+        laid_out = layout.of_parameters(parameters, group)
+        norm = self._total_norm(laid_out)
         nonfinite = ~torch.isfinite(norm)
         if self.nonfinite == "raise" and nonfinite:
             raise RuntimeError(
                 f"distclip: the total norm of order {self._p} of the gradients is non-finite ({float(norm)}); "
                 'nonfinite="raise" stops here on every rank, before any gradient changed'
             )
-        unit_norms = self._units.norms(parameters, layout, self._p, self.foreach, norm.device) if self._units else None
-        decision = _policies.decide(self._policies, norm, self.max_norm)
+        unit_norms = self._units.norms(parameters, laid_out, self._p, self.foreach, norm.device) if self._units else None
+        decision = policies.decide(self._policies, norm, self.max_norm)
         skip = ~nonfinite & (norm > decision.skip_threshold)  # a non-finite norm: nonfinite= decides
         if self.nonfinite == "skip":
             skip = skip | nonfinite
         if self._policies:
-            coefficient = _coefficient.clip_coefficient(decision.clip_threshold, norm.to(_F64)).to(norm.dtype)
+            factor = coefficient.clip_coefficient(decision.clip_threshold, norm.to(torch.float64)).to(norm.dtype)
         else:
-            coefficient = _coefficient.clip_coefficient(self.max_norm, norm)  # bitwise torch's, on one process
+            factor = coefficient.clip_coefficient(self.max_norm, norm)  # bitwise torch's, on one process
         if self._may_skip:
-            coefficient = torch.where(skip, 1.0, coefficient)
+            factor = torch.where(skip, 1.0, factor)
         if self._agc:
-            post_norm = self._agc_scale_(parameters, layout, coefficient, skip)
-            clipped = (coefficient < 1) | (post_norm < norm)
+            post_norm = self._agc_scale_(parameters, laid_out, factor, skip)
+            clipped = (factor < 1) | (post_norm < norm)
         else:
-            if layout.grads and not self.fused:
-                _scaling.scale_(layout.scaled, coefficient, self.foreach)
-            post_norm = norm * coefficient
-            clipped = coefficient < 1
+            if laid_out.grads and not self.fused:
+                scaling.scale_(laid_out.scaled, factor, self.foreach)
+            post_norm = norm * factor
+            clipped = factor < 1
         counters = self._count(clipped, skip, norm.device)
         return ClipReport(
             norm=norm,
             threshold=decision.clip_threshold,
-            coefficient=coefficient,
+            coefficient=factor,
             clipped=clipped,
             post_norm=post_norm,
             nonfinite=nonfinite,
@@ -305,14 +230,8 @@ class GradClipper:
             return
         found_inf = report.skip.to(torch.float32) if self._may_skip else None
         if scaler is not None:
-            from torch.amp.grad_scaler import OptState
-
-            state = scaler._per_optimizer_states[id(optimizer)]
-            overflow = sum(
-                (t.to(report.norm.device) for t in state["found_inf_per_device"].values()),
-                torch.zeros((), dtype=torch.float32, device=report.norm.device),
-            )
-            found_inf = torch.clamp(overflow if found_inf is None else overflow + found_inf, max=1.0)
+            overflow = amp.overflow(scaler, optimizer, report.norm.device)
+            found_inf = overflow if found_inf is None else torch.clamp(overflow + found_inf, max=1.0)
         optimizer.grad_scale = torch.reciprocal(report.coefficient).to(torch.float32)  # type: ignore[attr-defined]
         optimizer.found_inf = found_inf  # type: ignore[attr-defined]
         try:
@@ -320,7 +239,7 @@ class GradClipper:
         finally:
             del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
         if scaler is not None:
-            state["stage"] = OptState.STEPPED  # as scaler.step() leaves it: scaler.update() comes next
+            amp.mark_stepped(scaler, optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         """The counters and every threshold policy's state, as tensors; `load_state_dict` restores them,
@@ -355,47 +274,28 @@ class GradClipper:
 
     def _unscale(self) -> None:
         """Unscale the gradients with the GradScaler, or check that they are; no synchronisation."""
-        scaler = self.scaler
-        if scaler is None or not scaler.is_enabled():
-            return
-        from torch.amp.grad_scaler import OptState
+        if self.scaler is not None and self.scaler.is_enabled():
+            amp.unscale_(self.scaler, self.optimizer)
 
-        states = scaler._per_optimizer_states
-        if self.optimizer is None:
-            if not any(state["stage"] is OptState.UNSCALED for state in states.values()):
-                raise RuntimeError(
-                    "distclip: the gradients are still scaled by the GradScaler (no scaler.unscale_(optimizer) "
-                    "since the last update()), so their norm would be the scaled one: pass optimizer= to the "
-                    "GradClipper to unscale them, or call scaler.unscale_(optimizer) before clip_()"
-                )
-            return
-        stage = states[id(self.optimizer)]["stage"] if id(self.optimizer) in states else OptState.READY
-        if stage is OptState.READY:
-            scaler.unscale_(self.optimizer)
-        elif stage is OptState.STEPPED:
-            raise RuntimeError(
-                "distclip: clip_() after scaler.step(optimizer) and before scaler.update(): clip before the step"
-            )
-
-    def _total_norm(self, layout: _layout.Layout) -> Tensor:
-        """The total norm through ``_clip_grad``'s stages. In a sharded layout only the first call checks
-        that the ranks' arguments agree, which reads them on the host; the clipper's arguments are fixed."""
-        total = _clip_grad._total_norm_of(
-            layout, self.norm_type, False, self.foreach, self.max_norm, check_arguments=not self._arguments_checked
+    def _total_norm(self, laid_out: Layout) -> Tensor:
+        """The total norm through the clip's pipeline. In a sharded layout only the first call checks that
+        the ranks' arguments agree, which reads them on the host; the clipper's arguments are fixed."""
+        total = pipeline.total_norm_of(
+            laid_out, self.norm_type, False, self.foreach, self.max_norm, check_arguments=not self._arguments_checked
         )
-        self._arguments_checked = layout.sharded
+        self._arguments_checked = laid_out.sharded
         return total
 
-    def _agc_scale_(self, parameters: list[Any], layout: _layout.Layout, coefficient: Tensor, skip: Tensor) -> Tensor:
+    def _agc_scale_(self, parameters: list[Any], laid_out: Layout, coefficient: Tensor, skip: Tensor) -> Tensor:
         """Scale every unit by the smaller of its AGC factor and ``coefficient`` (1 on a skipped step); return
         the post-clip total norm."""
-        global_factor = coefficient.to(_F64)
-        for grad, factors in _agc.unit_factors(self._agc, _flat(parameters)):
+        global_factor = coefficient.to(torch.float64)
+        for grad, factors in agc.unit_factors(self._agc, flat_parameters(parameters)):
             factor = torch.minimum(factors.to(global_factor.device), global_factor)
             if self._may_skip:
                 factor = torch.where(skip, 1.0, factor)
             grad.mul_(factor.to(grad.device, grad.dtype))
-        return self._total_norm(layout)
+        return self._total_norm(laid_out)
 
     def _count(self, clipped: Tensor, skip: Tensor, device: torch.device) -> dict[str, Tensor]:
         counters = self._counters if self._counters is not None else _fresh_counters(device)
@@ -405,53 +305,6 @@ class GradClipper:
             "skipped_steps": counters["skipped_steps"].to(device) + skip.to(torch.int64),
         }
         return self._counters
-
-
-@dataclass(frozen=True)
-class _Units:
-    """The units of per-unit norms: their names, and for each parameter (by identity) its unit's index."""
-
-    names: tuple[str, ...]
-    index_of: dict[int, int]
-
-    @staticmethod
-    def of(module: torch.nn.Module | None, parameters: list[Any], kind: str) -> "_Units":
-        if module is None:
-            named = [(str(i), p) for i, p in enumerate(_flat(parameters))]
-        else:
-            ddp = isinstance(module, torch.nn.parallel.DistributedDataParallel)
-            named = [(_clean(name, ddp), p) for name, p in module.named_parameters()]
-        names: dict[str, int] = {}
-        index_of = {}
-        for name, p in named:
-            unit = name if kind == "parameter" else (name.rpartition(".")[0] or "root")
-            index_of[id(p)] = names.setdefault(unit, len(names))
-        return _Units(tuple(names), index_of)
-
-    def norms(
-        self, parameters: list[Any], layout: _layout.Layout, p: float, foreach: bool | None, device: torch.device
-    ) -> Tensor:
-        """The pre-clip p-norm of every unit, over the counted pieces (one reduction when sharded)."""
-        counted = {id(t) for t in layout.counted}
-        pieces: list[list[Tensor]] = [[] for _ in self.names]
-        grads = iter(layout.grads)  # the layout lists the local gradients in the order of the parameters
-        for param in _flat(parameters):
-            if param.grad is None:
-                continue
-            grad = next(grads)
-            if id(param) not in self.index_of:
-                raise ValueError("distclip: a parameter that the clipper was not built with has a gradient")
-            if id(grad) in counted:
-                pieces[self.index_of[id(param)]].append(grad)
-        if not layout.sharded:
-            zero = torch.zeros((), device=device)
-            return torch.stack([
-                _total_norm.combine(_partials.tensor_norms(g, p, foreach), p, device) if g else zero for g in pieces
-            ])
-        wire = _reduction.wire_device(layout.group)
-        rows = torch.cat([_partials.local_row(g, p, foreach, wire, ()) for g in pieces])
-        gathered = _reduction.gather_rows(rows, layout.group).reshape(-1, len(pieces), 2)
-        return torch.stack([_total_norm.from_rows(gathered[:, u], p) for u in range(len(pieces))]).to(device)
 
 
 def _target_parameters(target: Any) -> list[Any]:
@@ -464,7 +317,7 @@ def _target_parameters(target: Any) -> list[Any]:
         raise TypeError(
             f"distclip: GradClipper target must be {expected}, got {target!r} of type {type(target).__name__}"
         )
-    parameters = _layout.as_list(target, "target")
+    parameters = layout.as_list(target, "target")
     for i, item in enumerate(parameters):
         if type(item) is not dict and not isinstance(item, Tensor):
             raise TypeError(
@@ -495,19 +348,6 @@ def _split_policies(policy: Any) -> tuple[list[Policy], AGC | None]:
     if len(agc) > 1:
         raise ValueError("distclip: at most one AGC policy")
     return [p for p in policies if isinstance(p, Policy)], (agc[0] if agc else None)
-
-
-def _flat(parameters: list[Any]) -> list[Any]:
-    """Every parameter of ``parameters``, declared groups expanded, in the order the layout lists them."""
-    flat: list[Any] = []
-    for item in parameters:
-        flat.extend(_layout.as_list(item["params"], "params") if type(item) is dict else [item])
-    return flat
-
-
-def _clean(name: str, ddp: bool) -> str:
-    parts = [part for part in name.split(".") if part not in _WRAPPER_NAMES]
-    return ".".join(parts[1:] if ddp and parts[:1] == ["module"] else parts)
 
 
 def _fresh_counters(device: torch.device) -> dict[str, Tensor]:

@@ -78,7 +78,7 @@ def all_reduce_sum_(values: torch.Tensor, group: Any) -> torch.Tensor:
     """Sum ``values`` in place over ``group`` (one ``all_reduce(SUM)``) and return it.
 
     Not part of a clip's norm: the GradClipper's AGC sums the squared unit norms of tensors sharded across
-    their rows with it, once per group (see ``distclip/_agc.py``).
+    their rows with it, once per group (see ``distclip/_service/agc.py``).
     """
     return _all_reduce_sum_(values, group, "AGC's all_reduce of unit norms")
 

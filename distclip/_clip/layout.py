@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distclip import _reduction
+from distclip._clip import reduction
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 _DECLARATION_KEYS = {"params", "replicated_over"}
@@ -177,7 +177,7 @@ def _plain_layout(tensors: list[Tensor], group: Any) -> Layout:
         return _layout([(t, ()) for t in tensors], group)
     if group is None:
         return Layout(tensors, tensors)
-    _, world_size = _reduction.membership(group)
+    _, world_size = reduction.membership(group)
     return Layout(tensors, tensors, group, world_size, flat=_one_view(tensors))
 
 
@@ -238,7 +238,7 @@ def _layout(entries: list[tuple[Tensor, tuple]], group: Any) -> Layout:
                 "counted pieces make up the whole gradient"
             )
         group = _mesh_group(list(meshes.values()))
-    rank, world_size = _reduction.membership(group)
+    rank, world_size = reduction.membership(group)
     owner_of: dict[tuple[int, ...], bool] = {}  # per tuple of replica groups: is this rank rank 0 in all?
     counted = []
     for (_, replica_groups), local, owns in zip(entries, grads, owns_shard):
@@ -249,7 +249,7 @@ def _layout(entries: list[tuple[Tensor, tuple]], group: Any) -> Layout:
         else:
             key = tuple(map(id, replica_groups))
             if key not in owner_of:
-                owner_of[key] = all(_reduction.membership(g)[0] == 0 for g in replica_groups)
+                owner_of[key] = all(reduction.membership(g)[0] == 0 for g in replica_groups)
             owner = owner_of[key]
         if owner:
             counted.append(local)
@@ -258,12 +258,18 @@ def _layout(entries: list[tuple[Tensor, tuple]], group: Any) -> Layout:
     return Layout(grads, counted, group, world_size, mesh, dtype)
 
 
-def _dtensor_type(tensors: list[Tensor]) -> type | None:
-    # DTensor's module costs half a second to import; if no one imported it, no tensor here is a DTensor.
+def dtensor_class() -> type | None:
+    """``DTensor``, if its module was imported. It costs half a second to import, and if no one imported it, no
+    tensor is a DTensor: the one probe for DTensors of the clip and the service."""
     module = sys.modules.get("torch.distributed.tensor")
-    if module is None or all(type(t) in _PLAIN_TYPES for t in tensors):
+    return None if module is None else module.DTensor
+
+
+def _dtensor_type(tensors: list[Tensor]) -> type | None:
+    """`dtensor_class` if some of ``tensors`` may be DTensors (a type other than a plain tensor's)."""
+    if all(type(t) in _PLAIN_TYPES for t in tensors):
         return None
-    return module.DTensor
+    return dtensor_class()
 
 
 def _owns_dtensor(t: Tensor) -> bool:
@@ -289,7 +295,7 @@ def _mesh_group(meshes: list[Any]) -> Any:
             '{"params": [...], "replicated_over": group} (their placements cannot say so), or they count twice'
         )
     (ranks,) = rank_sets
-    world, world_size = _reduction.world()
+    world, world_size = reduction.world()
     if len(ranks) == world_size:
         return world
     mesh = meshes[0]
@@ -312,5 +318,5 @@ def _dtensor_result(meshes: list[Any], dtypes: set[torch.dtype]) -> tuple[Any, t
 
 def local_tensor(t: Tensor) -> Tensor:
     """A DTensor's local tensor (the shard this rank holds); any other tensor itself."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return t.to_local() if module is not None and isinstance(t, module.DTensor) else t
+    dtensor = dtensor_class()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t

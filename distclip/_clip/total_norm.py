@@ -5,10 +5,9 @@ import math
 import torch
 from torch import Tensor
 
-from distclip._layout import Layout
-from distclip._partials import ROW, combine_float64
-
-_LOCAL, _HAS, _ARGUMENTS = 0, 1, slice(2, len(ROW))
+from distclip._clip import row
+from distclip._clip.layout import Layout
+from distclip._clip.partials import combine_float64
 
 
 def combine(norms: list[Tensor], p: float, device: torch.device) -> Tensor:
@@ -17,7 +16,7 @@ def combine(norms: list[Tensor], p: float, device: torch.device) -> Tensor:
 
 
 def combine_vectors(vectors: list[Tensor], p: float, device: torch.device) -> Tensor:
-    """`combine` of per-tensor norms given as vectors (`_partials.part_norms`): the same input, the same bits."""
+    """`combine` of per-tensor norms given as vectors (`partials.part_norms`): the same input, the same bits."""
     return torch.linalg.vector_norm(torch.cat([v.to(device) for v in vectors]), p)
 
 
@@ -28,44 +27,13 @@ def from_rows(rows: Tensor, p: float) -> Tensor:
     ``m * ||n / m||_p`` so that no p overflows; the max for inf, the min for -inf; NaN if any rank's norm is
     NaN; 0 if no rank holds an element. Every rank holds the same rows, so every rank gets the same bits.
     """
-    has = rows[:, _HAS] > 0
+    local_norms, has = row.norms(rows)
     identity = math.inf if p == -math.inf else 0.0
-    total = combine_float64(torch.where(has, rows[:, _LOCAL], identity), p)
+    total = combine_float64(torch.where(has, local_norms, identity), p)
     return torch.where(has.any(), total, 0.0)
 
 
-def check_agreement(rows: Tensor) -> None:
-    """Raise ``ValueError`` on every rank if the ranks passed different arguments (or made different calls).
-
-    Every rank reads the same rows, so every rank raises the same error, before any gradient changes.
-    """
-    arguments = rows[:, _ARGUMENTS].tolist()
-    if all(a == arguments[0] for a in arguments):
-        return
-    differences = []
-    for column, name in enumerate(ROW[_ARGUMENTS]):
-        by_value: dict[float, list[int]] = {}
-        for rank, a in enumerate(arguments):
-            by_value.setdefault(a[column], []).append(rank)
-        if len(by_value) > 1:
-            differences.append(
-                f"{name} is " + "; ".join(f"{_shown(name, v)} on ranks {ranks}" for v, ranks in by_value.items())
-            )
-    raise ValueError(
-        f"distclip: the ranks of the group made different calls ({', '.join(differences)}; ranks are "
-        "group ranks). Every rank of a group must make the same call with the same arguments; nothing was clipped"
-    )
-
-
-def _shown(name: str, value: float) -> str:
-    if name == "max_norm" and value < 0:
-        return "none (get_total_norm)"
-    if name == "error_if_nonfinite":
-        return str(bool(value))
-    return repr(value)
-
-
-def returned(total: Tensor, layout: Layout) -> Tensor:
+def for_caller(total: Tensor, layout: Layout) -> Tensor:
     """``total`` as the call returns it: for DTensors all on one mesh, torch's type there (a replicated DTensor
     of their dtype), so that code calling ``.full_tensor()`` keeps working; else ``total`` itself."""
     if layout.mesh is None:

@@ -21,18 +21,16 @@ In a distributed job the unit norms must be those of the whole rows:
   holds whole rows.
 """
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from distclip import _reduction
-from distclip._arguments import require
-from distclip._layout import local_tensor
+from distclip._clip import reduction
+from distclip._clip.arguments import require
+from distclip._clip.layout import dtensor_class, local_tensor
 
-_F64 = torch.float64
 _MIN_GRAD_NORM = 1e-6  # the paper's floor on ||G_i||, so that a zero gradient gives a finite factor
 
 
@@ -82,11 +80,11 @@ def unit_factors(agc: AGC, parameters: list[Tensor]) -> list[tuple[Tensor, Tenso
 
 def _unit(parameter: Tensor) -> _Unit:
     grad = parameter.grad
-    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no tensor is a DTensor
-    if dtensor is None or not isinstance(grad, dtensor.DTensor):
+    dtensor = dtensor_class()
+    if dtensor is None or not isinstance(grad, dtensor):
         return _Unit(parameter.detach(), grad, grad.ndim >= 2, ())
     if (
-        not isinstance(parameter, dtensor.DTensor)
+        not isinstance(parameter, dtensor)
         or parameter.device_mesh != grad.device_mesh
         or parameter.placements != grad.placements
     ):
@@ -111,7 +109,7 @@ def _squared_norms(t: Tensor, rows: bool) -> Tensor:
         norms = torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.ndim)), dtype=dtype)
     else:
         norms = torch.linalg.vector_norm(t, 2, dtype=dtype).reshape(1)
-    return norms.to(_F64).square()
+    return norms.to(torch.float64).square()
 
 
 def _sum_over_groups(units: list[_Unit], squares: list[Tensor]) -> None:
@@ -123,8 +121,8 @@ def _sum_over_groups(units: list[_Unit], squares: list[Tensor]) -> None:
             groups.setdefault(id(group), group)
     for key, group in groups.items():
         members = [i for i, unit in enumerate(units) if any(id(g) == key for g in unit.groups)]
-        device = _reduction.wire_device(group)
+        device = reduction.wire_device(group)
         values = torch.cat([squares[i].flatten().to(device) for i in members])
-        _reduction.all_reduce_sum_(values, group)
+        reduction.all_reduce_sum_(values, group)
         for i, part in zip(members, values.split([squares[i].numel() for i in members])):
             squares[i] = part.reshape(squares[i].shape).to(squares[i].device)

@@ -6,7 +6,7 @@ import math
 import os
 from typing import Any
 
-from distclip import _reduction
+from distclip._clip import reduction
 
 
 def as_float(value: Any, name: str) -> float:
@@ -70,7 +70,7 @@ def process_group(group: Any) -> Any:
     """
     if group is NO_GROUP:
         return None
-    if group is None and not _reduction.initialized():
+    if group is None and not reduction.initialized():
         world_size = os.environ.get("WORLD_SIZE", "1")
         if world_size.isdigit() and int(world_size) > 1:
             raise RuntimeError(

@@ -1,9 +1,9 @@
 r"""The functional API: drop-ins for ``torch.nn.utils``' clipping functions, plus ``group=`` for sharded gradients.
 
-Every clip runs the same stages, top to bottom:
+Each function translates its arguments into a layout (``distclip/_clip/layout.py``, ``modules.py``) and runs the
+clip's stages on it (``distclip/_clip/pipeline.py``):
 
-    gradients -> layout (_layout) -> local partials (_partials) -> one reduction (_reduction)
-              -> total norm (_total_norm) -> coefficient (_coefficient) -> in-place scaling (_scaling)
+    gradients -> layout -> local partials -> one reduction -> total norm -> coefficient -> in-place scaling
 
 With ``group=None`` the reduction is skipped and every stage uses exactly torch's kernels in torch's order,
 so values, dtypes, warnings and errors are those of the installed ``torch.nn.utils``.
@@ -11,13 +11,14 @@ so values, dtypes, warnings and errors are those of the installed ``torch.nn.uti
 
 import warnings
 from collections.abc import Iterable
+from functools import reduce
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from distclip import _arguments, _coefficient, _layout, _partials, _reduction, _scaling, _threads, _total_norm
-from distclip._foreach import kernel_groups
+from distclip._clip import arguments, layout, modules, pipeline, scaling, total_norm
+from distclip._clip.threads import worker_count
 
 _TensorOrTensors = Tensor | Iterable[Tensor]
 
@@ -29,7 +30,7 @@ def get_total_norm(
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
     *,
-    group: Any = _arguments.NO_GROUP,
+    group: Any = arguments.NO_GROUP,
 ) -> Tensor:
     r"""Return the p-norm of ``tensors`` viewed as one vector, `\|(\|t_1\|_p, \ldots, \|t_k\|_p)\|_p`.
 
@@ -52,8 +53,8 @@ def get_total_norm(
             tensor's device; ``torch.tensor(0.0)`` for none); in sharded mode float64, on the first local
             tensor's device (the reduction's device on a rank with none).
     """
-    layout = _layout.of_tensors(_layout.as_list(tensors, "tensors"), _arguments.process_group(group))
-    return _total_norm.returned(_total_norm_of(layout, norm_type, error_if_nonfinite, foreach), layout)
+    laid_out = layout.of_tensors(layout.as_list(tensors, "tensors"), arguments.process_group(group))
+    return total_norm.for_caller(pipeline.total_norm_of(laid_out, norm_type, error_if_nonfinite, foreach), laid_out)
 
 
 @torch.no_grad()
@@ -68,9 +69,9 @@ def clip_grads_with_norm_(
     A drop-in for ``torch.nn.utils.clip_grads_with_norm_``; with ``total_norm`` from
     `get_total_norm` (``group=`` included) it completes a clip. Local only: no collective.
     """
-    grads = _layout.local_grads(_layout.as_list(parameters, "parameters"))
-    max_norm = _arguments.max_norm_value(max_norm, sharded=False)
-    _clip_(grads, max_norm, _layout.local_tensor(total_norm), foreach)
+    grads = layout.local_grads(layout.as_list(parameters, "parameters"))
+    pipeline.scale_by_norm_(grads, arguments.max_norm_value(max_norm, sharded=False), layout.local_tensor(total_norm),
+                            foreach)
 
 
 @torch.no_grad()
@@ -81,7 +82,7 @@ def clip_grad_norm_(
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
     *,
-    group: Any = _arguments.NO_GROUP,
+    group: Any = arguments.NO_GROUP,
 ) -> Tensor:
     r"""Clip the gradient norm of ``parameters`` in place and return the norm before clipping.
 
@@ -97,8 +98,8 @@ def clip_grad_norm_(
     ``group`` is read as in `get_total_norm`: left out for a local clip; ``group.WORLD`` before
     ``init_process_group()`` in a multi-rank launch raises instead of clipping locally.
     """
-    layout = _layout.of_parameters(_layout.parameter_list(parameters, stacklevel=4), _arguments.process_group(group))
-    return _total_norm.returned(clip_layout_(layout, max_norm, norm_type, error_if_nonfinite, foreach), layout)
+    laid_out = layout.of_parameters(layout.parameter_list(parameters, stacklevel=4), arguments.process_group(group))
+    return total_norm.for_caller(pipeline.clip_(laid_out, max_norm, norm_type, error_if_nonfinite, foreach), laid_out)
 
 
 @torch.no_grad()
@@ -129,28 +130,13 @@ def fast_clip_grad_norm_(
     ``distclip bench`` prints it for every workload. Cost: a pool of ``threads - 1`` worker threads, made on
     the first call and kept (a forked child makes its own).
     """
-    layout = _layout.of_parameters(_layout.parameter_list(parameters, stacklevel=4), None)
-    if layout.sharded:
+    laid_out = layout.of_parameters(layout.parameter_list(parameters, stacklevel=4), None)
+    if laid_out.sharded:
         raise ValueError(
             "distclip: fast_clip_grad_norm_ clips one process's plain gradients; these are DTensors, whose "
             "norm needs their mesh's collectives: use distclip.clip_grad_norm_ (or clip_module_grad_norm_)"
         )
-    max_norm = _arguments.max_norm_value(max_norm, sharded=False)
-    p = _arguments.norm_order(norm_type, sharded=False)
-    workers = _threads.worker_count(threads)
-    if not layout.grads:
-        return torch.tensor(0.0)
-    groups = [
-        (device, _threads.split(group, workers if use_foreach and device.type == "cpu" else 1), use_foreach)
-        for device, _, group, use_foreach in kernel_groups(layout.grads, None)
-    ]
-    norms = [_partials.part_norms(parts, p, use_foreach) for _, parts, use_foreach in groups]
-    total_norm = _total_norm.combine_vectors(norms, p, layout.grads[0].device)
-    _total_norm.check_finite(total_norm, p, error_if_nonfinite, layout)
-    coefficient = _coefficient.clip_coefficient(max_norm, total_norm)
-    for device, parts, use_foreach in groups:
-        _scaling.scale_parts_(parts, coefficient.to(device), use_foreach)
-    return total_norm
+    return pipeline.threaded_clip_(laid_out, max_norm, norm_type, error_if_nonfinite, worker_count(threads))
 
 
 def clip_grad_norm(
@@ -160,7 +146,7 @@ def clip_grad_norm(
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
     *,
-    group: Any = _arguments.NO_GROUP,
+    group: Any = arguments.NO_GROUP,
 ) -> Tensor:
     """Deprecated alias of `clip_grad_norm_` (``FutureWarning``), as in ``torch.nn.utils``."""
     warnings.warn(
@@ -181,50 +167,43 @@ def clip_grad_value_(
 
     A drop-in for ``torch.nn.utils.clip_grad_value_``: elementwise, so it needs no collective in any layout.
     """
-    parameters = _layout.as_list(parameters, "parameters")
-    clip_value = _arguments.as_float(clip_value, "clip_value")
-    _scaling.clamp_(_layout.local_grads(parameters), clip_value, foreach)
+    parameters = layout.as_list(parameters, "parameters")
+    clip_value = arguments.as_float(clip_value, "clip_value")
+    scaling.clamp_(layout.local_grads(parameters), clip_value, foreach)
 
 
-def clip_layout_(
-    layout: _layout.Layout, max_norm: float, norm_type: float | str, error_if_nonfinite: bool, foreach: bool | None
+@torch.no_grad()
+def clip_module_grad_norm_(
+    module: torch.nn.Module,
+    max_norm: float,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
 ) -> Tensor:
-    """Clip the gradients of ``layout`` (`clip_grad_norm_` after its layout stage); return the total norm as
-    computed (float64 when sharded, torch's dtype on one process), before `_total_norm.returned`."""
-    max_norm = _arguments.max_norm_value(max_norm, layout.sharded)
-    total_norm = _total_norm_of(layout, norm_type, error_if_nonfinite, foreach, max_norm)
-    _clip_(layout.scaled, max_norm, total_norm, foreach)
-    return total_norm
+    r"""Clip the gradients of ``module`` by their global norm and return that norm (before clipping).
 
+    The layout comes from the wrapper, and the result is `distclip.clip_grad_norm_` over it:
 
-def _total_norm_of(
-    layout: _layout.Layout,
-    norm_type: float | str,
-    error_if_nonfinite: bool,
-    foreach: bool | None,
-    max_norm: float | None = None,
-    check_arguments: bool = True,
-) -> Tensor:
-    """The total norm of ``layout`` (before any scaling). ``max_norm``: the clip's, ``None`` for
-    ``get_total_norm``. In sharded mode every rank's arguments travel in the same collective and, with
-    ``check_arguments``, are compared on the host (a device-to-host read on accelerators)."""
-    p = _arguments.norm_order(norm_type, layout.sharded)
-    if layout.sharded:
-        device = _reduction.wire_device(layout.group)
-        arguments = (p, -1.0 if max_norm is None else max_norm, float(bool(error_if_nonfinite)))
-        rows = _reduction.gather_rows(_partials.local_row(layout.norm_pieces, p, foreach, device, arguments), layout.group)
-        if check_arguments:
-            _total_norm.check_agreement(rows)
-        total = _total_norm.from_rows(rows, p).to(layout.grads[0].device if layout.grads else device)
-    elif not layout.grads:
-        return torch.tensor(0.0)
-    else:
-        norms = _partials.tensor_norms(layout.counted, p, foreach)
-        total = _total_norm.combine(norms, p, layout.grads[0].device)
-    _total_norm.check_finite(total, p, error_if_nonfinite, layout)
-    return total
+    - a plain module or ``DistributedDataParallel`` (its gradients are replicated): the local clip, bitwise
+      ``torch.nn.utils.clip_grad_norm_(module.parameters(), ...)``, no collective;
+    - FSDP1 ``FullyShardedDataParallel``, any sharding strategy and ``use_orig_params`` either way: the norm
+      of all the flat shards over the units' process group, one ``all_reduce``; parameters outside FSDP and
+      ``NO_SHARD`` units counted once; no collective if nothing is sharded;
+    - FSDP2 ``fully_shard`` and other DTensor parameters: from their placements, one ``all_reduce``.
 
-
-def _clip_(grads: list[Tensor], max_norm: float, total_norm: Tensor, foreach: bool | None) -> None:
-    if grads:
-        _scaling.scale_(grads, _coefficient.clip_coefficient(max_norm, total_norm), foreach)
+    Returns a plain 0-d tensor (for a DTensor norm, its value), the same on every rank of a wrapped model, in
+    the dtype torch and FSDP return it in: the promoted dtype of this rank's gradients (float16 under an FSDP
+    ``MixedPrecision`` that keeps float16 gradients), and the default dtype on a rank that holds none (FSDP1
+    also warns there, as ``FullyShardedDataParallel.clip_grad_norm_`` does). What the framework refuses is
+    refused: a nested FSDP1 unit raises ``RuntimeError``, as FSDP's clip does.
+    """
+    parameters, group = modules.parameters_of(module)
+    laid_out = layout.of_parameters(parameters, group)
+    norm = pipeline.clip_(laid_out, max_norm, norm_type, error_if_nonfinite, foreach)
+    dtypes = {g.dtype for g in laid_out.grads}
+    if dtypes:
+        return norm.to(reduce(torch.promote_types, dtypes))
+    default = torch.get_default_dtype()
+    if group is not None and modules.is_fsdp1(module):
+        modules.warn_no_gradients(group, default, stacklevel=3)  # past the no_grad decorator, to the caller
+    return norm.to(default)
