@@ -1,7 +1,7 @@
 """GPU check, part 3: how close clipping sits to the HBM floor on one GPU, written into docs/benchmarks.md.
 
 ``distclip bench`` measures on the CPU only (gloo ranks, host timers, the CPU memory profiler), so this is the
-GPU counterpart of its single-process and sharded rows, on the same workloads (``distclip._tools.bench.workload``):
+GPU counterpart of its single-process and sharded rows, on the same workloads (``distclip._tools.bench.workloads``):
 
 - the floor: what a clip must move, the gradients read once (the norm) and read and written once (the
   scaling), at the bandwidths of a read kernel (``sum``) and a read-write kernel (``mul_``) over a 1 GiB buffer
@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 import distclip
-from distclip._tools.bench import workload
+from distclip._tools.bench.workloads import workload
 
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

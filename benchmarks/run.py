@@ -13,8 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from distclip._tools import bench as _bench
-from distclip._tools import cli as _cli
+from distclip._tools import bench, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "benchmarks.md"
@@ -32,16 +31,16 @@ def main(argv: list[str]) -> int:
             return 2
         with open(argv[i + 1]) as f:
             report = json.load(f)
-        skipped = _bench.plot(report, str(IMAGE))
+        skipped = bench.plot(report, str(IMAGE))
         print(skipped or f"wrote {IMAGE.relative_to(ROOT)}")
         return _update_page(report, "img/bench.png")
     if update_docs and not any(a == "--plot" or a.startswith("--plot=") for a in argv):
         argv += ["--plot", str(IMAGE)]
-    args = _cli._parser().parse_args(["bench", *argv])
-    config = _cli._bench_config(args)
+    args = cli._parser().parse_args(["bench", *argv])
+    config = cli._bench_config(args)
     command = " ".join(["python benchmarks/run.py", *(["--update-docs"] if update_docs else []),
                         *(a for a in argv if a != str(IMAGE) and not (a == "--plot" and update_docs))])
-    status = _bench.run(config, command)
+    status = bench.run(config, command)
     if status != 0 or not update_docs:
         return status
     if not config.json_path:
@@ -62,7 +61,7 @@ def _update_page(report: dict, image: str | None) -> int:
         return 2
     head, rest = page.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    PAGE.write_text(f"{head}{BEGIN}\n{_bench.markdown(report, image)}{END}{tail}")
+    PAGE.write_text(f"{head}{BEGIN}\n{bench.markdown(report, image)}{END}{tail}")
     print(f"updated {PAGE.relative_to(ROOT)}")
     return 0
 
