@@ -1,34 +1,19 @@
-"""The threshold policies and AGC, each against its formula written out here in plain Python floats, on known
-norm sequences (spikes, NaN and inf included); state that round-trips exactly; configuration errors."""
+"""The threshold policies, each against its formula written out here in plain Python floats, on known norm
+sequences (spikes, NaN and inf included); configuration errors; and how ``decide`` combines them."""
 
 import math
-import random
 import statistics
 
 import pytest
 import torch
 
 import distclip
-from distclip._service import agc as _agc, policies as _policies
+from distclip._service import policies as _policies
 
-INF, NAN = math.inf, math.nan
-
-
-def _sequence(n=120, seed=0):
-    """Log-normal norms with a few spikes, a zero, a NaN and an inf: what a training run's norms look like."""
-    rng = random.Random(seed)
-    norms = [math.exp(rng.gauss(0.0, 0.4)) for _ in range(n)]
-    for i, change in {30: 40.0, 31: 40.0, 70: 40.0, 45: NAN, 50: INF, 90: 0.0}.items():
-        if i < n:
-            norms[i] *= change
-    return norms
+from _service_helpers import INF, NAN, _policy_decisions, _policy_norms
 
 
-def _run(policy, norms):
-    return [policy.decide(torch.tensor(g, dtype=torch.float64)).item() for g in norms]
-
-
-# ---------------------------------------------------------------------------------------------- AutoClip
+# --------------------------------------------------------------------------------------------------- AutoClip
 
 
 def _autoclip_reference(norms, q, bins_per_octave, low=-64):
@@ -49,16 +34,16 @@ def _autoclip_reference(norms, q, bins_per_octave, low=-64):
 
 @pytest.mark.parametrize("q", [10.0, 50.0, 90.0, 100.0])
 def test_autoclip_is_the_bin_edge_of_the_nearest_rank_percentile(q):
-    norms = _sequence()
-    got = _run(distclip.AutoClip(percentile=q), norms)
+    norms = _policy_norms()
+    got = _policy_decisions(distclip.AutoClip(percentile=q), norms)
     want, _ = _autoclip_reference(norms, q, 32)
     assert got == pytest.approx(want, rel=1e-12)
 
 
 def test_autoclip_is_within_one_bin_above_the_exact_percentile():
-    norms = [n for n in _sequence(300, seed=3) if math.isfinite(n) and n > 0]
+    norms = [n for n in _policy_norms(300, seed=3) if math.isfinite(n) and n > 0]
     policy = distclip.AutoClip(percentile=25.0, bins_per_octave=16)
-    for t, tau in enumerate(_run(policy, norms)):
+    for t, tau in enumerate(_policy_decisions(policy, norms)):
         ranked = sorted(norms[: t + 1])
         exact = ranked[max(1, math.ceil(0.25 * len(ranked))) - 1]
         assert exact <= tau < exact * 2 ** (1 / 16)
@@ -66,16 +51,16 @@ def test_autoclip_is_within_one_bin_above_the_exact_percentile():
 
 def test_autoclip_memory_is_fixed():
     policy = distclip.AutoClip(bins_per_octave=8, min_exponent=-10, max_exponent=10)
-    _run(policy, _sequence(500))
+    _policy_decisions(policy, _policy_norms(500))
     (counts,) = policy.state_dict().values()
     assert counts.shape == (160,) and int(counts.sum()) == 498  # the NaN and the inf are not recorded
 
 
 def test_autoclip_before_any_finite_norm_does_not_clip():
-    assert _run(distclip.AutoClip(), [NAN, INF]) == [INF, INF]
+    assert _policy_decisions(distclip.AutoClip(), [NAN, INF]) == [INF, INF]
 
 
-# ---------------------------------------------------------------------------------------------- ZClip
+# ------------------------------------------------------------------------------------------------------ ZClip
 
 
 def _zclip_reference(norms, alpha, z_thr, warmup, eps):
@@ -103,8 +88,8 @@ def _zclip_reference(norms, alpha, z_thr, warmup, eps):
 
 @pytest.mark.parametrize("alpha, z_thr, warmup", [(0.97, 2.5, 25), (0.9, 1.5, 5)])
 def test_zclip_follows_its_ema_and_zscore_formula(alpha, z_thr, warmup):
-    norms = _sequence()
-    got = _run(distclip.ZClip(alpha=alpha, z_threshold=z_thr, warmup_steps=warmup), norms)
+    norms = _policy_norms()
+    got = _policy_decisions(distclip.ZClip(alpha=alpha, z_threshold=z_thr, warmup_steps=warmup), norms)
     want = _zclip_reference(norms, alpha, z_thr, warmup, 1e-6)
     assert got == pytest.approx(want, rel=1e-12)
     assert sum(math.isfinite(t) for t in got) >= 3  # the spikes were clipped
@@ -112,12 +97,12 @@ def test_zclip_follows_its_ema_and_zscore_formula(alpha, z_thr, warmup):
 
 def test_zclip_clips_a_spike_to_below_it():
     policy = distclip.ZClip(warmup_steps=4)
-    _run(policy, [1.0, 1.1, 0.9, 1.0, 1.05])
-    (tau,) = _run(policy, [10.0])
+    _policy_decisions(policy, [1.0, 1.1, 0.9, 1.0, 1.05])
+    (tau,) = _policy_decisions(policy, [10.0])
     assert 1.0 < tau < 10.0
 
 
-# ---------------------------------------------------------------------------------------------- SpikeSkip
+# -------------------------------------------------------------------------------------------------- SpikeSkip
 
 
 def _spike_reference(norms, window, sigma, min_history):
@@ -133,49 +118,19 @@ def _spike_reference(norms, window, sigma, min_history):
 
 @pytest.mark.parametrize("window, sigma, min_history", [(128, 6.0, 16), (10, 2.0, 4), (5, 0.5, 5)])
 def test_spike_skip_against_its_window(window, sigma, min_history):
-    norms = _sequence()
-    got = _run(distclip.SpikeSkip(window=window, sigma=sigma, min_history=min_history), norms)
+    norms = _policy_norms()
+    got = _policy_decisions(distclip.SpikeSkip(window=window, sigma=sigma, min_history=min_history), norms)
     assert got == pytest.approx(_spike_reference(norms, window, sigma, min_history), rel=1e-9)
 
 
 def test_spike_skip_fires_on_the_spikes_only():
-    norms = _sequence()
-    thresholds = _run(distclip.SpikeSkip(window=32, sigma=5.0, min_history=8), norms)
+    norms = _policy_norms()
+    thresholds = _policy_decisions(distclip.SpikeSkip(window=32, sigma=5.0, min_history=8), norms)
     skipped = [i for i, (g, t) in enumerate(zip(norms, thresholds)) if math.isfinite(g) and g > t]
     assert skipped == [30, 31, 70]
 
 
-# ---------------------------------------------------------------------------------------------- state
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: distclip.AutoClip(percentile=30),
-        lambda: distclip.ZClip(warmup_steps=6),
-        lambda: distclip.SpikeSkip(window=12, min_history=4, sigma=2.0),
-    ],
-    ids=["AutoClip", "ZClip", "SpikeSkip"],
-)
-def test_state_dict_restores_the_same_decisions(make):
-    norms = _sequence(60)
-    first, resumed = make(), make()
-    _run(first, norms[:40])
-    state = first.state_dict()
-    resumed.load_state_dict({k: v.clone() for k, v in state.items()})
-    for g in norms[40:]:
-        g = torch.tensor(g, dtype=torch.float64)
-        assert torch.equal(first.decide(g), resumed.decide(g))
-    for (k, a), b in zip(first.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), k
-
-
-def test_load_state_dict_rejects_another_configuration():
-    state = distclip.SpikeSkip(window=8, min_history=4).state_dict()
-    with pytest.raises(ValueError, match="shape"):
-        distclip.SpikeSkip(window=16).load_state_dict(state)
-    with pytest.raises(ValueError, match="keys"):
-        distclip.ZClip().load_state_dict(state)
+# ------------------------------------------------------------------------------ configuration and combination
 
 
 @pytest.mark.parametrize(
@@ -203,24 +158,3 @@ def test_decide_takes_the_smallest_clip_and_skip_thresholds():
     assert decision.clip_threshold.item() == pytest.approx(min(1.1, autoclip_tau))
     window = [1.0, 1.2, 0.8]  # 0.9 came after the threshold was taken
     assert decision.skip_threshold.item() == pytest.approx(statistics.fmean(window) + 6 * statistics.stdev(window))
-
-
-# ---------------------------------------------------------------------------------------------- AGC
-
-
-def test_agc_factors_follow_the_unitwise_formula():
-    torch.manual_seed(0)
-    conv, linear = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(5, 6)
-    params = [conv.weight, conv.bias, linear.weight, linear.bias]
-    for p in params:
-        p.grad = torch.randn_like(p) * torch.rand(()) * 3
-    params[3].grad = torch.zeros_like(params[3])  # a zero gradient: factor 1, no division by zero
-    agc = distclip.AGC(clipping=0.05, eps=1e-3)
-    for p, (grad, factors) in zip(params, _agc.unit_factors(agc, params)):
-        assert grad is p.grad
-        w = p.detach().double().reshape(p.shape[0], -1) if p.ndim > 1 else p.detach().double().reshape(1, -1)
-        g = p.grad.double().reshape(w.shape)
-        unit_norms = zip(w.norm(dim=1).tolist(), g.norm(dim=1).tolist())
-        want = [min(1.0, 0.05 * max(wn, 1e-3) / max(gn, 1e-6)) for wn, gn in unit_norms]
-        assert factors.flatten().tolist() == pytest.approx(want, rel=1e-6)
-        assert factors.shape == ((p.shape[0],) + (1,) * (p.ndim - 1) if p.ndim > 1 else ())
