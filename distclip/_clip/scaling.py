@@ -9,8 +9,22 @@ from distclip._clip.foreach import kernel_groups
 
 def scale_(grads: list[Tensor], coefficient: Tensor, foreach: bool | None) -> None:
     """``g *= coefficient`` for every gradient, one foreach kernel per device/dtype group."""
-    for device, _, group, use_foreach in kernel_groups(grads, foreach):
-        _scale_group_(group, coefficient.to(device), use_foreach)
+    for device, dtype, group, use_foreach in kernel_groups(grads, foreach):
+        factor = coefficient.to(device)
+        if dtype in _FLOAT32_MATH and factor.dtype == torch.float64:
+            # mul_ computes a float32/bfloat16/float16 tensor times a float64 0-d tensor in float32, so a float32
+            # factor gives the same bits, and torch's CPU kernel takes about a third of the time with it (measured
+            # on 2000 small tensors). A 0-d gradient is the exception: two 0-d operands are computed in float64.
+            scalars = [g for g in group if g.dim() == 0]
+            if scalars:
+                _scale_group_(scalars, factor, use_foreach)
+                group = [g for g in group if g.dim() != 0]
+            factor = factor.to(torch.float32)
+        if group:
+            _scale_group_(group, factor, use_foreach)
+
+
+_FLOAT32_MATH = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _scale_group_(group: list[Tensor], coefficient: Tensor, use_foreach: bool) -> None:
