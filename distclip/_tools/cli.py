@@ -1,26 +1,34 @@
-"""The ``distclip`` command line (``python -m distclip``): ``demo`` and ``bench``."""
+"""The ``distclip`` command line (``python -m distclip``): its arguments, and ``demo`` and ``bench``, each
+imported when its subcommand runs."""
 
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 import distclip
-from distclip import _arguments
-from distclip._tools import bench as _bench
-from distclip._tools import demo as _demo
+from distclip._clip import arguments
+
+if TYPE_CHECKING:
+    from distclip._tools import bench
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand and return its exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _parser()
-    args = parser.parse_args(_attach_negative_values(argv))
+    args = _parser().parse_args(_attach_negative_values(argv))
     if args.command == "bench":
-        return _bench.run(_bench_config(args), " ".join(["distclip", *argv]))
-    return _demo.run(
-        _demo.Config(
+        return _run_bench(args, argv)
+    return _run_demo(args)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from distclip._tools import demo
+
+    return demo.run(
+        demo.Config(
             nproc=args.nproc,
             steps=args.steps,
             max_norm=args.max_norm,
@@ -29,6 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
         )
     )
+
+
+def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
+    from distclip._tools import bench
+
+    return bench.run(_bench_config(args), " ".join(["distclip", *argv]))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_bench(commands) -> None:
+    # Its help lists the bench's workloads and layouts.
+    from distclip._tools.bench.workloads import LAYOUTS, WORKLOADS
+
     bench = commands.add_parser(
         "bench",
         help="time clipping against torch, FSDP1 and the memory-bandwidth floor",
@@ -68,14 +85,14 @@ def _add_bench(commands) -> None:
             "Time distclip's clip against torch's foreach clip (one process), and with --nproc N >= 2 its sharded "
             "clip against a hand-written one and FSDP1's on N gloo ranks, all against the memory-bandwidth floor "
             "measured in the same run (read once for the norm, read and write once to scale). Variants are "
-            "interleaved; medians and minimums, peak extra memory, the targets of issue 8 with PASS/FAIL, a JSON "
-            "file and a plot. Reading guide: docs/benchmarks.md. Exit status 0 if the run completed."
+            "interleaved; medians and minimums, peak extra memory, the targets with PASS/FAIL, a JSON file and "
+            "a plot. Reading guide: docs/benchmarks.md. Exit status 0 if the run completed."
         ),
     )
     bench.add_argument("--nproc", type=_non_negative_int, default=2,
                        help="gloo ranks for the sharded variants (default 2; 0 or 1: single process only)")
-    bench.add_argument("--workloads", default=",".join(_bench.WORKLOADS),
-                       help=f"comma list of {', '.join(_bench.WORKLOADS)} (default all)")
+    bench.add_argument("--workloads", default=",".join(WORKLOADS),
+                       help=f"comma list of {', '.join(WORKLOADS)} (default all)")
     bench.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (default both)")
     bench.add_argument("--norm-types", default="2,inf", help="comma list of p: numbers > 0 or inf (default 2,inf)")
     bench.add_argument("--repeats", type=_positive_int, default=None,
@@ -87,34 +104,36 @@ def _add_bench(commands) -> None:
                        help="where to write the plot, if matplotlib is installed (default bench.png; '' for none)")
     bench.add_argument("--fsdp1-dtypes", default="bf16",
                        help="dtypes on which FSDP1's clip is measured too (default bf16; '' for none)")
-    bench.add_argument("--layouts", "--layout", default=",".join(_bench.LAYOUTS),
-                       help=f"comma list of the sharded runs' gradient layouts: {', '.join(_bench.LAYOUTS)} "
+    bench.add_argument("--layouts", "--layout", default=",".join(LAYOUTS),
+                       help=f"comma list of the sharded runs' gradient layouts: {', '.join(LAYOUTS)} "
                             "(default all; see docs/benchmarks.md)")
     bench.add_argument("--quick", action="store_true", help="small sizes and few samples: a smoke run")
     bench.add_argument("--seed", type=int, default=0, help="seed of the gradients (default 0)")
 
 
-def _bench_config(args: argparse.Namespace) -> "_bench.Config":
+def _bench_config(args: argparse.Namespace) -> "bench.Config":
+    from distclip._tools import bench
+
     def listed(text: str, allowed, what: str, empty_ok: bool = False) -> tuple[str, ...]:
         if empty_ok and not text.strip():
             return ()
         try:
-            return _bench.parse_list(text, allowed, what)
+            return bench.parse_list(text, allowed, what)
         except ValueError as err:
             _parser().error(str(err))
 
-    return _bench.Config(
+    return bench.Config(
         nproc=args.nproc,
-        workloads=listed(args.workloads, _bench.WORKLOADS, "--workloads"),
-        dtypes=listed(args.dtypes, tuple(_bench.DTYPES), "--dtypes"),
+        workloads=listed(args.workloads, bench.WORKLOADS, "--workloads"),
+        dtypes=listed(args.dtypes, tuple(bench.DTYPES), "--dtypes"),
         norm_types=listed(args.norm_types, None, "--norm-types"),
         repeats=args.repeats or (2 if args.quick else 5),
         json_path=args.json or None,
         plot_path=args.plot or None,
         quick=args.quick,
-        fsdp1_dtypes=listed(args.fsdp1_dtypes, tuple(_bench.DTYPES), "--fsdp1-dtypes", empty_ok=True),
+        fsdp1_dtypes=listed(args.fsdp1_dtypes, tuple(bench.DTYPES), "--fsdp1-dtypes", empty_ok=True),
         seed=args.seed,
-        layouts=listed(args.layouts, _bench.LAYOUTS, "--layouts"),
+        layouts=listed(args.layouts, bench.LAYOUTS, "--layouts"),
     )
 
 
@@ -144,7 +163,7 @@ def _positive_int(text: str) -> int:
 # by the library's own rules here, before any rank starts, and reported in the command line's terms.
 def _norm_type(text: str) -> float:
     try:
-        return _arguments.norm_order(_number(text, "a number > 0, inf or -inf"), sharded=True)
+        return arguments.norm_order(_number(text, "a number > 0, inf or -inf"), sharded=True)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"must be a number > 0, inf or -inf, got {text!r}: the demo clips sharded gradients, for which "
@@ -154,7 +173,7 @@ def _norm_type(text: str) -> float:
 
 def _max_norm(text: str) -> float:
     try:
-        return _arguments.max_norm_value(_number(text, "a non-negative number or inf"), sharded=True)
+        return arguments.max_norm_value(_number(text, "a non-negative number or inf"), sharded=True)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a non-negative number (inf: never clip), got {text!r}") from None
 
