@@ -11,7 +11,6 @@ import importlib.util
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from _deepspeed_ranks import MAX_NORM, Job, attach_errors, setup, train
-from _world import World
+from _world import World, _free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REL = 1e-5
 # Parameters after a few AdamW steps: fp32 master copies agree to float32 rounding of the clip coefficient.
 PARAM_ATOL = 1e-6
@@ -250,9 +249,3 @@ def test_launcher_example_runs_on_two_cpu_processes():
     assert shown is not None and summary in shown, shown
     missing = missing_lines(shown, result.stdout)
     assert not missing, f"docs/deepspeed.md shows lines not printed: {missing}\n{output}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

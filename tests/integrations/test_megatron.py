@@ -35,6 +35,8 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from distclip.integrations import megatron as dc_megatron
 
+from _integration_helpers import float64_norm
+
 # Megatron is imported in the gloo workers only: its import wraps some 40 functions in torch.compile and costs
 # seconds, which the test process (and the tests after this module) need not share.
 if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
@@ -72,10 +74,6 @@ def dp_tp_ep_reference() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [seeded("dp", name, shape=shape) for name, shape, _ in DENSE], [
         seeded("expert", e, shape=EXPERT_SHAPE) for e in range(WORLD_SIZE)
     ]
-
-
-def float64_norm(tensors, p) -> float:
-    return torch.linalg.vector_norm(torch.cat([t.flatten() for t in tensors]), p).item()
 
 
 # --------------------------------------------------------------------------------------------------------

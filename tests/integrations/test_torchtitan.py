@@ -29,6 +29,8 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from distclip.integrations import torchtitan as dc_torchtitan
 
+from _integration_helpers import float64_norm
+
 try:
     from torchtitan.distributed.utils import clip_grad_norm_ as torchtitan_clip
 except ImportError:  # see the module docstring
@@ -97,11 +99,6 @@ def reference_tensors(case) -> list[torch.Tensor]:
         for name, shape, dtype, _, _, _, per_stage in tensors
         if per_stage or stage == 0
     ]
-
-
-def float64_norm(tensors, p) -> float:
-    flat = torch.cat([t.flatten() for t in tensors])
-    return torch.linalg.vector_norm(flat, p).item()
 
 
 def coefficient(norm: float) -> float:
