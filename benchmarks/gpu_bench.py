@@ -133,15 +133,15 @@ def run(args) -> dict:
                         times[v].append(timer.per_call(fn, calls[v]))
                 for v, ts in times.items():
                     median = statistics.median(ts)
-                    records.append(dict(workload=name, title=wl.title, dtype=dtype_name, p=norm_type, variant=v,
-                                        tensors=len(wl.shapes), bytes=nbytes, median_s=median, min_s=min(ts),
-                                        floor_s=floor, median_over_floor=median / floor,
-                                        min_over_floor=min(ts) / floor))
+                    records.append({"workload": name, "title": wl.title, "dtype": dtype_name, "p": norm_type,
+                                    "variant": v, "tensors": len(wl.shapes), "bytes": nbytes, "median_s": median,
+                                    "min_s": min(ts), "floor_s": floor, "median_over_floor": median / floor,
+                                    "min_over_floor": min(ts) / floor})
                     print(f"{name:6} {dtype_name} p={norm_type:3} {v:20} median {median * 1e3:9.3f} ms  "
                           f"floor {floor * 1e3:8.3f} ms  x{median / floor:6.2f}", flush=True)
             del params
-    return dict(device=_device_name(device), torch=torch.__version__, commit=_commit(), date=_now(),
-                read_bandwidth=read_bw, rw_bandwidth=rw_bw, records=records)
+    return {"device": _device_name(device), "torch": torch.__version__, "commit": _commit(), "date": _now(),
+            "read_bandwidth": read_bw, "rw_bandwidth": rw_bw, "records": records}
 
 
 def _device_name(device: torch.device) -> str:
@@ -151,7 +151,7 @@ def _device_name(device: torch.device) -> str:
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+                              timeout=10, cwd=Path(__file__).parent, check=False).stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
 
@@ -162,9 +162,9 @@ def _now() -> str:
 
 def markdown(result: dict, dry_run: bool) -> str:
     lines = [
-        f"Run of `benchmarks/gpu_check.sh` at {result['commit']}, {result['date']}, on {result['device']}, "
-        f"torch {result['torch']}: read bandwidth {result['read_bandwidth'] / 1e9:.0f} GB/s, read-write "
-        f"{result['rw_bandwidth'] / 1e9:.0f} GB/s (the floor's).",
+        (f"Run of `benchmarks/gpu_check.sh` at {result['commit']}, {result['date']}, on {result['device']}, "
+         f"torch {result['torch']}: read bandwidth {result['read_bandwidth'] / 1e9:.0f} GB/s, read-write "
+         f"{result['rw_bandwidth'] / 1e9:.0f} GB/s (the floor's)."),
     ]
     if dry_run:
         lines.append("")

@@ -106,7 +106,7 @@ def _run_torchrun_rank(config: Config) -> NoReturn:
     try:
         dist.init_process_group(config.backend, init_method="env://", timeout=_COLLECTIVE_TIMEOUT)
         exit_status = _train(config, _device(config.backend, int(os.environ["LOCAL_RANK"])))
-    except Exception:
+    except Exception:  # noqa: BLE001 (any error of the rank: its traceback, and status 1)
         traceback.print_exc()
         exit_status = 1
     exit_cleanly(exit_status)

@@ -100,7 +100,7 @@ def peak_extra_bytes(fn: Callable[[], Any]) -> int | None:
             for e in prof.profiler.kineto_results.events()
             if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
         )
-    except Exception:  # a profiler without these private accessors: report nothing rather than fail the run
+    except Exception:  # noqa: BLE001 (a profiler without these private accessors: report nothing, not fail)
         fn()
         return None
     running = peak = 0
@@ -505,7 +505,7 @@ def _sharded_suite(
             if dtype_name in config.fsdp1_dtypes:
                 try:
                     fsdp = fsdp1_model(wl, dtype, config.seed)
-                except Exception as err:  # noqa: BLE001: reported, and the other variants still run
+                except Exception as err:  # noqa: BLE001 (reported, and the other variants still run)
                     notes.append(f"{wl.name} {dtype_name}: FSDP1 could not be built ({err!r})")
             for layout in config.layouts:
                 fsdp2 = fsdp2_model(wl, dtype, config.seed) if layout == "fsdp2" else None

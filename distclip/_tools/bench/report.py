@@ -2,7 +2,7 @@
 the markdown of a run for docs/benchmarks.md."""
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 from distclip._tools.bench.measure import Bandwidth, case_of, find, one
 
@@ -37,9 +37,11 @@ class Printer:
     settled: they use the best bandwidth of the start and the end of the run)."""
 
     # For each variant, the one its "vs" column compares with.
-    REFERENCE = {"distclip": "torch", "distclip-fast": "torch", "distclip-sharded": "naive-sharded",
-                 "distclip-module": "torch-dtensor", "distclip-fsdp1": "fsdp1", "clip+adamw-fused": "adamw-fused",
-                 "folded-clip+adamw-fused": "adamw-fused"}
+    REFERENCE: ClassVar[dict[str, str]] = {
+        "distclip": "torch", "distclip-fast": "torch", "distclip-sharded": "naive-sharded",
+        "distclip-module": "torch-dtensor", "distclip-fsdp1": "fsdp1", "clip+adamw-fused": "adamw-fused",
+        "folded-clip+adamw-fused": "adamw-fused",
+    }
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -194,13 +196,13 @@ def markdown(report: dict[str, Any], image: str | None = None) -> str:
     state = m.get("distclip", {})
     changes = f" with local changes to {', '.join(state['modified'])}" if state.get("modified") else ""
     lines = [
-        f"Measured {report['date']} with `{report['command']}`: {m['cores']} cores ({m['cpu']}), torch {m['torch']}, "
-        f"Python {m['python']}; load average {m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} "
-        f"at the end (the machine was {'busy' if m['loadavg_start'][0] > 0.5 * m['cores'] else 'quiet'}). "
-        f"distclip {state.get('version', '?')} at commit `{state.get('commit', '?')[:12]}`{changes}.",
+        (f"Measured {report['date']} with `{report['command']}`: {m['cores']} cores ({m['cpu']}), torch {m['torch']}, "
+         f"Python {m['python']}; load average {m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} "
+         f"at the end (the machine was {'busy' if m['loadavg_start'][0] > 0.5 * m['cores'] else 'quiet'}). "
+         f"distclip {state.get('version', '?')} at commit `{state.get('commit', '?')[:12]}`{changes}."),
         "",
-        f"Best bandwidth of the run, single process ({m['single']['threads']} threads): read "
-        f"{m['single']['read_GBps']:.2f} GB/s, read+write {m['single']['read_write_GBps']:.2f} GB/s.",
+        (f"Best bandwidth of the run, single process ({m['single']['threads']} threads): read "
+         f"{m['single']['read_GBps']:.2f} GB/s, read+write {m['single']['read_write_GBps']:.2f} GB/s."),
     ]
     if "sharded" in m:
         lines.append(f"Best bandwidth of the run, each of {report['config']['nproc']} ranks at once: read "
@@ -218,8 +220,8 @@ def markdown(report: dict[str, Any], image: str | None = None) -> str:
         if not rows:
             continue
         lines += ["", f"**{title}**", "",
-                  "| workload | dtype | p | layout | variant | median | min | median/floor | min/floor "
-                  "| min/side-by-side floor | peak extra memory |",
+                  ("| workload | dtype | p | layout | variant | median | min | median/floor | min/floor "
+                   "| min/side-by-side floor | peak extra memory |"),
                   "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
             peak = "" if r["peak_extra_bytes"] is None else \

@@ -195,7 +195,8 @@ def _layout_targets(records: list[dict[str, Any]], sharded_hint: str | None) -> 
     all_small = ", ".join(f"{x[0]:.2f}x {x[1]['dtype']} p={x[1]['norm_type']} {x[1]['layout']}" for x in small)
     found.append(_judge(
         "small_vs_fsdp1", "14.2",
-        "sharded 2000 small tensors <= FSDP1's clip time (of the same shapes), on every layout", small, 1.0, lambda worst: f"worst {worst[0]:.2f}x FSDP1's time ({case_of(worst[1])}); all: {all_small}",
+        "sharded 2000 small tensors <= FSDP1's clip time (of the same shapes), on every layout", small, 1.0,
+        lambda worst: f"worst {worst[0]:.2f}x FSDP1's time ({case_of(worst[1])}); all: {all_small}",
         sharded_hint or "n/a: needs the small workload with a dtype in --fsdp1-dtypes"))
 
     speedups = []
