@@ -185,18 +185,3 @@ def moe_reference_grads(batch_indices) -> dict[str, torch.Tensor]:
     loss.backward()
     return {name: p.grad for name, p in model.named_parameters()}
 
-
-# --------------------------------------------------------------------------------------------------------
-# float64 reference norm.
-# --------------------------------------------------------------------------------------------------------
-
-
-def float64_norm(tensors, norm_type) -> float:
-    """The ``norm_type``-norm of the concatenation of ``tensors`` in float64 (``None`` entries skipped)."""
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors if t is not None])
-    return torch.linalg.vector_norm(flat, float(norm_type)).item()
-
-
-def clip_coefficient(max_norm: float, norm: float) -> float:
-    """The coefficient every clip scales by: ``min(max_norm / (norm + 1e-6), 1)``."""
-    return min(max_norm / (norm + 1e-6), 1.0)

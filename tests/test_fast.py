@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 import torch.nn.utils as tnu
-from test_parity import DTYPES, NORM_TYPES, Spec, compare
+from _tester import DTYPES, TORCH_NORM_TYPES, Spec, compare
 
 import distclip
 from distclip._clip import threads as _threads
@@ -33,7 +33,7 @@ def fast(threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 16])
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("norm_type", TORCH_NORM_TYPES)
 def test_bitwise_torch_mixed_dtypes(threads, norm_type):
     compare(mixed(DTYPES), "clip_grad_norm_", ours=fast(threads), max_norm=0.5, norm_type=norm_type)
 

@@ -42,15 +42,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.debug import CommDebugMode
 
 import distclip
 from _layout_models import (
     EXPERTS,
     TOKENS,
     WIDTH,
-    clip_coefficient,
-    float64_norm,
     moe,
     moe_batch,
     moe_loss,
@@ -63,11 +60,25 @@ from _layout_models import (
     tiny_net,
     tiny_reference_grads,
 )
+from _tester import (
+    REL_TOL,
+    assert_bitwise,
+    assert_grads_close,
+    attempt,
+    average_grads,
+    cached_mesh,
+    cached_subgroup,
+    check_clip,
+    check_matches_framework,
+    check_same_on_every_rank,
+    clip_once,
+    clips_for,
+    per_rank,
+    reference_norm,
+    snapshot,
+)
 
 INF = math.inf
-REL_TOL = 1e-5
-# Gradients after a clip: the coefficient carries the norm's relative error, plus float32 rounding.
-GRAD_RTOL, GRAD_ATOL = 2e-5, 1e-7
 # The float32 gradients of a job against the float64 model's: float32 rounding of values around 1.
 MODEL_ATOL = 1e-6
 HSDP_MESH_DIMS = ("replicate", "shard")
@@ -77,73 +88,6 @@ TP_MESH_DIMS = ("dp", "tp")
 # --------------------------------------------------------------------------------------------------------
 # Rank side: runs inside the gloo workers.
 # --------------------------------------------------------------------------------------------------------
-
-_SUBGROUPS: dict = {}
-_MESHES: dict = {}
-
-
-def _subgroup(partition):
-    """This rank's group in ``partition`` (a tuple of rank tuples covering the world). Made once per world;
-    every rank calls this with the same partitions in the same order, as ``new_group`` requires."""
-    if partition not in _SUBGROUPS:
-        _SUBGROUPS[partition], _ = dist.new_subgroups_by_enumeration([list(ranks) for ranks in partition])
-    return _SUBGROUPS[partition]
-
-
-def _mesh(shape, names=None):
-    """A CPU device mesh over the world, made once per world."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    key = (shape, names)
-    if key not in _MESHES:
-        _MESHES[key] = init_device_mesh("cpu", shape, mesh_dim_names=names)
-    return _MESHES[key]
-
-
-def _local(t):
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _snapshot(params):
-    """Copies of the local gradients of ``params`` (``None`` where a parameter has none)."""
-    return [None if p.grad is None else _local(p.grad).detach().clone() for p in params]
-
-
-@torch.no_grad()
-def _restore(params, saved):
-    for p, grad in zip(params, saved):
-        if grad is not None:
-            _local(p.grad).copy_(grad)
-
-
-def _norm_record(norm):
-    """What the tests check of a returned norm: its type, placements, dtype and (full) value."""
-    is_dtensor = isinstance(norm, DTensor)
-    return dict(
-        kind="DTensor" if is_dtensor else type(norm).__name__,
-        placements=tuple(norm.placements) if is_dtensor else None,
-        dtype=norm.dtype,
-        value=(norm.full_tensor() if is_dtensor else norm).detach().clone(),
-    )
-
-
-def _clip_once(params, saved, clip):
-    """Restore the gradients of ``params`` to ``saved``, run ``clip()`` counting its collectives, and record
-    the returned norm and the gradients afterwards."""
-    _restore(params, saved)
-    with CommDebugMode() as mode:
-        norm = clip()
-    return dict(norm=_norm_record(norm), comms=mode.get_total_counts(), grads=_snapshot(params))
-
-
-@torch.no_grad()
-def _average(params, group=None):
-    """Average the gradients of ``params`` over ``group`` (all-reduce SUM / size), as data parallelism does."""
-    size = dist.get_world_size(group)
-    for p in params:
-        dist.all_reduce(p.grad, group=group)
-        p.grad.div_(size)
-
 
 def _rank_fsdp1(cases):
     return [_fsdp1_case(**case) for case in cases]
@@ -165,19 +109,19 @@ def _fsdp1_case(strategy, use_orig_params, ignore_head, clips):
         device_id=torch.device("cpu"),
         auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
         ignored_modules=[model.head] if ignore_head else None,
-        device_mesh=_mesh((2, 2), HSDP_MESH_DIMS) if "HYBRID" in strategy else None,
+        device_mesh=cached_mesh((2, 2), HSDP_MESH_DIMS) if "HYBRID" in strategy else None,
     )
     tiny_loss(fsdp, tiny_batch(dist.get_rank())).backward()
     if ignore_head:
-        _average(model.head.parameters())
+        average_grads(model.head.parameters())
     params = list(fsdp.parameters())
-    saved = _snapshot(params)
+    saved = snapshot(params)
     clipped = []
     for norm_type, max_norm in clips:
         clipped.append(dict(
-            distclip=_clip_once(
+            distclip=clip_once(
                 params, saved, lambda: distclip.clip_module_grad_norm_(fsdp, max_norm, norm_type)),
-            framework=_clip_once(params, saved, lambda: fsdp.clip_grad_norm_(max_norm, norm_type)),
+            framework=clip_once(params, saved, lambda: fsdp.clip_grad_norm_(max_norm, norm_type)),
         ))
     return dict(before=saved, clips=clipped)
 
@@ -203,22 +147,22 @@ def _fsdp2_case(mesh_shape, clips):
     """For each (norm_type, max_norm, with_torch): ``distclip.clip_grad_norm_(model.parameters())`` with
     group=None and with group=WORLD, ``distclip.clip_module_grad_norm_(model)`` and (``with_torch``)
     ``torch.nn.utils.clip_grad_norm_`` on the same gradients; and the full gradients, gathered before."""
-    model = _fsdp2_model(_mesh(mesh_shape, HSDP_MESH_DIMS if len(mesh_shape) == 2 else None))
+    model = _fsdp2_model(cached_mesh(mesh_shape, HSDP_MESH_DIMS if len(mesh_shape) == 2 else None))
     params = list(model.parameters())
-    saved = _snapshot(params)
+    saved = snapshot(params)
     full = [p.grad.full_tensor() for p in params]
     clipped = []
     for norm_type, max_norm, with_torch in clips:
         entry = dict(
-            distclip=_clip_once(
+            distclip=clip_once(
                 params, saved, lambda: distclip.clip_grad_norm_(model.parameters(), max_norm, norm_type)),
-            distclip_world=_clip_once(params, saved, lambda: distclip.clip_grad_norm_(
+            distclip_world=clip_once(params, saved, lambda: distclip.clip_grad_norm_(
                 model.parameters(), max_norm, norm_type, group=dist.group.WORLD)),
-            module=_clip_once(
+            module=clip_once(
                 params, saved, lambda: distclip.clip_module_grad_norm_(model, max_norm, norm_type)),
         )
         if with_torch:
-            entry["framework"] = _clip_once(
+            entry["framework"] = clip_once(
                 params, saved, lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type))
         clipped.append(entry)
     return dict(before=saved, full=full, placements=[tuple(p.grad.placements) for p in params], clips=clipped)
@@ -227,18 +171,18 @@ def _fsdp2_case(mesh_shape, clips):
 def _rank_torch_inf_norm_on_empty_shard():
     """torch's inf-norm clip of the 4-rank FSDP2 model, called only on the ranks that hold an empty local
     shard (the others would wait for them in the all_reduce: they do not call it)."""
-    model = _fsdp2_model(_mesh((dist.get_world_size(),)))
+    model = _fsdp2_model(cached_mesh((dist.get_world_size(),)))
     if all(p.grad.to_local().numel() for p in model.parameters()):
         return None
     params = list(model.parameters())
-    return _attempt(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, INF), params)
+    return attempt(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, INF), params)
 
 
 _PLACEMENTS = {"R": Replicate(), "S0": Shard(0), "S1": Shard(1)}
 _TENSOR_MESHES = {
-    "1d": lambda: _mesh((dist.get_world_size(),)),
-    "2d": lambda: _mesh((2, 2), TP_MESH_DIMS),
-    "tp": lambda: _mesh((2, 2), TP_MESH_DIMS)["tp"],
+    "1d": lambda: cached_mesh((dist.get_world_size(),)),
+    "2d": lambda: cached_mesh((2, 2), TP_MESH_DIMS),
+    "tp": lambda: cached_mesh((2, 2), TP_MESH_DIMS)["tp"],
 }
 
 
@@ -271,7 +215,7 @@ def _rank_dtensor_cases(cases):
 def _declare_tp_over_dp(items, tensors):
     """``tensors`` (one per item) as a clip argument in which those on the "tp" sub-mesh are declared
     replicated over the "dp" group of the 2x2 mesh (their placements do not say it)."""
-    dp_group = _mesh((2, 2), TP_MESH_DIMS)["dp"].get_group()
+    dp_group = cached_mesh((2, 2), TP_MESH_DIMS)["dp"].get_group()
     on_tp = [item[2:3] == ("tp",) for item in items]
     return [t for t, tp in zip(tensors, on_tp) if not tp] + [
         {"params": [t for t, tp in zip(tensors, on_tp) if tp], "replicated_over": dp_group}]
@@ -287,16 +231,16 @@ def _dtensor_case(items, clips, with_torch, declare_tp_over_dp):
     if declare_tp_over_dp:
         group = dist.group.WORLD
         clipped, total = _declare_tp_over_dp(items, params), _declare_tp_over_dp(items, grads)
-    saved = _snapshot(params)
+    saved = snapshot(params)
     entries = []
     for norm_type, max_norm in clips:
         entry = dict(
-            distclip=_clip_once(
+            distclip=clip_once(
                 params, saved, lambda: distclip.clip_grad_norm_(clipped, max_norm, norm_type, group=group)),
-            total=_clip_once(params, saved, lambda: distclip.get_total_norm(total, norm_type, group=group)),
+            total=clip_once(params, saved, lambda: distclip.get_total_norm(total, norm_type, group=group)),
         )
         if with_torch:
-            entry["framework"] = _clip_once(
+            entry["framework"] = clip_once(
                 params, saved, lambda: torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type))
         entries.append(entry)
     return dict(before=saved, clips=entries)
@@ -321,10 +265,10 @@ def _rank_replicated_module(wrap, clips):
     module = DistributedDataParallel(model) if wrap == "ddp" else model
     tiny_loss(module, tiny_batch(dist.get_rank())).backward()
     params = list(module.parameters())
-    saved = _snapshot(params)
+    saved = snapshot(params)
     return dict(before=saved, clips=[dict(
-        distclip=_clip_once(params, saved, lambda: distclip.clip_module_grad_norm_(module, max_norm, norm_type)),
-        framework=_clip_once(
+        distclip=clip_once(params, saved, lambda: distclip.clip_module_grad_norm_(module, max_norm, norm_type)),
+        framework=clip_once(
             params, saved, lambda: torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm, norm_type)),
     ) for norm_type, max_norm in clips])
 
@@ -355,13 +299,13 @@ def _rank_pipeline(clips):
     declares the embedding replicated over the tie group (and everything replicated over data parallel)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     stage, replica = rank % 2, rank // 2
-    pp_group = _subgroup(tuple((2 * r, 2 * r + 1) for r in range(world_size // 2)))
+    pp_group = cached_subgroup(tuple((2 * r, 2 * r + 1) for r in range(world_size // 2)))
     model = tied_lm()
     _pipeline_step(model, stage, replica)
     embedding, layers = model.embedding.weight, model.stage_parameters(stage)
     if world_size == 4:
-        dp_group = _subgroup(((0, 2), (1, 3)))
-        _average([*layers, embedding], dp_group)
+        dp_group = cached_subgroup(((0, 2), (1, 3)))
+        average_grads([*layers, embedding], dp_group)
     dist.all_reduce(embedding.grad, group=pp_group)
     if world_size == 2:
         declared = [*layers, {"params": [embedding], "replicated_over": pp_group}]
@@ -371,9 +315,9 @@ def _rank_pipeline(clips):
                     {"params": [embedding], "replicated_over": [pp_group, dp_group]}]
         group = dist.group.WORLD
     params = [*layers, embedding]
-    saved = _snapshot(params)
+    saved = snapshot(params)
     return dict(before=saved, clips=[
-        _clip_once(params, saved, lambda: distclip.clip_grad_norm_(declared, max_norm, norm_type, group=group))
+        clip_once(params, saved, lambda: distclip.clip_grad_norm_(declared, max_norm, norm_type, group=group))
         for norm_type, max_norm in clips
     ])
 
@@ -391,40 +335,26 @@ def _rank_moe(clips):
     rank's tokens plus the expert-data-parallel all-reduce amount to). Each rank then holds the shared
     parameters and its experts, and declares them replicated over the world and over its EDP group."""
     rank = dist.get_rank()
-    edp_group = _subgroup(((0, 2), (1, 3)))
+    edp_group = cached_subgroup(((0, 2), (1, 3)))
     model = moe()
     moe_loss(model, moe_batch(rank)).backward()
-    _average(model.parameters())
+    average_grads(model.parameters())
     shared, experts = model.non_expert_parameters(), model.expert_parameters(moe_experts_of(rank))
     declared = [{"params": shared, "replicated_over": dist.group.WORLD},
                 {"params": experts, "replicated_over": edp_group}]
     params = [*shared, *experts]
-    saved = _snapshot(params)
+    saved = snapshot(params)
     return dict(before=saved, clips=[
-        _clip_once(params, saved,
+        clip_once(params, saved,
                    lambda: distclip.clip_grad_norm_(declared, max_norm, norm_type, group=dist.group.WORLD))
         for norm_type, max_norm in clips
     ])
 
 
-def _attempt(call, params):
-    """(exception type, message, collectives, gradients unchanged) of ``call()``; the type is None if it
-    returned."""
-    saved = _snapshot(params)
-    error = None
-    with CommDebugMode() as mode:
-        try:
-            call()
-        except Exception as err:  # compared with the expected outcome by the test
-            error = err
-    unchanged = all(torch.equal(a, b) for a, b in zip(saved, _snapshot(params)) if a is not None)
-    return (type(error) if error else None, str(error), mode.get_total_counts(), unchanged)
-
-
 def _rank_invalid_layouts():
     """Calls that must raise ValueError on every rank before any collective: a DTensor gradient with a
     Partial placement (clip, total norm, module clip), and declared replicas without group=."""
-    mesh, rank = _mesh((dist.get_world_size(),)), dist.get_rank()
+    mesh, rank = cached_mesh((dist.get_world_size(),)), dist.get_rank()
     partial = nn.Parameter(DTensor.from_local(torch.zeros(3), mesh, [Replicate()]))
     partial.grad = DTensor.from_local(torch.full((3,), rank + 1.0), mesh, [Partial()])
     sharded = nn.Parameter(DTensor.from_local(torch.zeros(2), mesh, [Shard(0)]))
@@ -434,15 +364,15 @@ def _rank_invalid_layouts():
     declared = [{"params": [plain], "replicated_over": mesh.get_group()}]
     params = [partial, sharded, plain]
     return dict(
-        partial_clip=_attempt(lambda: distclip.clip_grad_norm_([sharded, partial], 1.0), params),
-        partial_total=_attempt(lambda: distclip.get_total_norm([sharded.grad, partial.grad], INF), params),
-        partial_module=_attempt(
+        partial_clip=attempt(lambda: distclip.clip_grad_norm_([sharded, partial], 1.0), params),
+        partial_total=attempt(lambda: distclip.get_total_norm([sharded.grad, partial.grad], INF), params),
+        partial_module=attempt(
             lambda: distclip.clip_module_grad_norm_(_ModuleOf([sharded, partial]), 1.0), params),
-        declared_clip=_attempt(lambda: distclip.clip_grad_norm_(declared, 1.0), params),
-        declared_total=_attempt(
+        declared_clip=attempt(lambda: distclip.clip_grad_norm_(declared, 1.0), params),
+        declared_total=attempt(
             lambda: distclip.get_total_norm([{"params": [plain.grad], "replicated_over": mesh.get_group()}]),
             params),
-        fast_dtensor=_attempt(lambda: distclip.fast_clip_grad_norm_([plain, sharded], 1.0), params),
+        fast_dtensor=attempt(lambda: distclip.fast_clip_grad_norm_([plain, sharded], 1.0), params),
     )
 
 
@@ -459,22 +389,6 @@ class _ModuleOf(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 
 
-def assert_norm_close(got, ref, what, rel=REL_TOL):
-    assert math.isfinite(got) and abs(got - ref) <= rel * abs(ref), (
-        f"{what}: got {got!r}, expected {ref!r} (rel error {abs(got - ref) / abs(ref):.3g})")
-
-
-def assert_grads_close(after, expected, what, rtol=GRAD_RTOL, atol=GRAD_ATOL):
-    assert len(after) == len(expected), f"{what}: {len(after)} grads vs {len(expected)}"
-    for i, (a, e) in enumerate(zip(after, expected)):
-        if e is None:
-            assert a is None, f"{what}: grad {i} appeared"
-            continue
-        assert a is not None and a.shape == e.shape, f"{what}: grad {i}: {a!r} vs shape {tuple(e.shape)}"
-        torch.testing.assert_close(a.to(torch.float64), e.to(torch.float64), rtol=rtol, atol=atol,
-                                   msg=lambda m: f"{what}: grad {i}: {m}")
-
-
 def full_gradients(results, model_grads, what):
     """The full gradients the ranks gathered (the same on every rank), checked against the float64 model's:
     the reference the norms are compared with (the float64 norm of the gradients the ranks hold, which for
@@ -485,46 +399,6 @@ def full_gradients(results, model_grads, what):
     assert_grads_close(full, model_grads, f"{what}: full gradients vs the float64 model", rtol=REL_TOL,
                        atol=MODEL_ATOL)
     return full
-
-
-def scaled(grads, coef):
-    return [None if g is None else g.to(torch.float64) * coef for g in grads]
-
-
-def check_clip(record, before, ref, max_norm, comms, what, kind="Tensor"):
-    """One rank's clip: the norm is close to ``ref`` and of type ``kind``, it made ``comms`` collectives, and
-    the gradients are the ones before times the reference coefficient."""
-    norm = record["norm"]
-    assert norm["kind"] == kind, f"{what}: returned a {norm['kind']}, expected a {kind}"
-    assert norm["value"].dim() == 0, f"{what}: the norm has shape {tuple(norm['value'].shape)}"
-    assert_norm_close(norm["value"].item(), ref, what)
-    assert record["comms"] == comms, f"{what}: {record['comms']} collectives, expected {comms}"
-    assert_grads_close(record["grads"], scaled(before, clip_coefficient(max_norm, ref)), f"{what}: grads")
-
-
-def check_same_on_every_rank(records, what):
-    """The norm is bitwise the same value (and dtype) on every rank."""
-    first = records[0]["norm"]["value"]
-    for r, record in enumerate(records):
-        value = record["norm"]["value"]
-        assert value.dtype == first.dtype and torch.equal(value, first), (
-            f"{what}: rank {r} returned {value!r}, rank 0 {first!r}")
-
-
-def check_matches_framework(ours, theirs, what):
-    """distclip's norm within 1e-5 of the framework's, and its gradients after the clip close to theirs."""
-    assert_norm_close(ours["norm"]["value"].item(), theirs["norm"]["value"].item(), f"{what} vs framework")
-    assert_grads_close(ours["grads"], theirs["grads"], f"{what}: grads vs framework's", rtol=1e-5)
-
-
-def clips_for(ref_grads, norm_types, fraction=0.5):
-    """(norm_type, max_norm) pairs whose max_norm is ``fraction`` of the reference norm: every clip scales."""
-    return [(p, fraction * float64_norm(ref_grads, p)) for p in norm_types]
-
-
-def per_rank(results, i):
-    """Case ``i`` of every rank's list of results."""
-    return [rank_results[i] for rank_results in results]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -551,7 +425,7 @@ def test_fsdp1_every_strategy_matches_fsdp_clip_and_float64(worlds, world_size):
         comms = 0 if case["strategy"] == "NO_SHARD" else 1
         ranks = per_rank(results, i)
         for j, (norm_type, max_norm) in enumerate(clips):
-            ref = float64_norm(ref_grads, norm_type)
+            ref = reference_norm(ref_grads, norm_type)
             what = (f"FSDP1 {case['strategy']} use_orig_params={case['use_orig_params']} "
                     f"ignored_head={case['ignore_head']} p={norm_type}")
             for r, res in enumerate(ranks):
@@ -595,7 +469,7 @@ def test_fsdp2_matches_torch_clip_and_float64(worlds, world_size, mesh_shape):
     full = full_gradients(results, ref_grads, "FSDP2")
     replicated = (Replicate(),) * len(mesh_shape)
     for j, (norm_type, max_norm, with_torch) in enumerate(clips):
-        ref = float64_norm(full, norm_type)
+        ref = reference_norm(full, norm_type)
         what = f"FSDP2 mesh {mesh_shape} p={norm_type}"
         for r, res in enumerate(results):
             entry = res["clips"][j]
@@ -704,7 +578,7 @@ def test_dtensor_gradients_give_norm_of_full_tensors(worlds, world_size):
         ranks = per_rank(results, i)
         ref_tensors = items_reference(layout.items)
         for j, (norm_type, max_norm) in enumerate(clips[i]):
-            ref = float64_norm(ref_tensors, norm_type)
+            ref = reference_norm(ref_tensors, norm_type)
             what = f"{layout.label} p={norm_type}"
             for r, res in enumerate(ranks):
                 entry = res["clips"][j]
@@ -738,10 +612,6 @@ def test_torch_clip_fails_on_two_meshes(worlds):
 # --------------------------------------------------------------------------------------------------------
 
 
-def assert_bitwise(a, b, what):
-    assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{what}: {a!r} vs {b!r}"
-
-
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("wrap", ["ddp", "plain"])
 def test_replicated_modules_clip_locally_bitwise_like_torch(worlds, world_size, wrap):
@@ -762,7 +632,7 @@ def test_replicated_modules_clip_locally_bitwise_like_torch(worlds, world_size, 
         what = f"{wrap} p={norm_type}"
         for r, res in enumerate(results):
             ours, theirs = res["clips"][j]["distclip"], res["clips"][j]["framework"]
-            ref = float64_norm(res["before"], norm_type)  # each rank holds the full gradient
+            ref = reference_norm(res["before"], norm_type)  # each rank holds the full gradient
             check_clip(ours, res["before"], ref, max_norm, 0, f"{what} rank {r}")
             assert theirs["comms"] == 0, f"{what} rank {r}: torch made {theirs['comms']} collectives"
             assert_bitwise(ours["norm"]["value"], theirs["norm"]["value"], f"{what} rank {r} norm vs torch")
@@ -794,9 +664,9 @@ def test_pipeline_with_tied_embedding_counts_it_once(worlds, world_size):
         assert_grads_close(res["before"], [*layers, embedding], f"pipeline rank {r}: gradients vs reference",
                            rtol=REL_TOL, atol=MODEL_ATOL)
     for j, (norm_type, max_norm) in enumerate(clips):
-        ref = float64_norm(ref_grads, norm_type)
+        ref = reference_norm(ref_grads, norm_type)
         if norm_type == 2.0:
-            twice = float64_norm([*ref_grads, embedding], norm_type)
+            twice = reference_norm([*ref_grads, embedding], norm_type)
             assert abs(twice - ref) > 1e-3 * ref, "the tied embedding counted twice must change the norm"
         records = [res["clips"][j] for res in results]
         for r, (res, record) in enumerate(zip(results, records)):
@@ -822,9 +692,9 @@ def test_expert_parallel_moe_counts_each_expert_once(worlds):
     experts = [[g for name, g in by_name.items() if name.startswith(f"experts.{e}.")] for e in range(EXPERTS)]
     assert all(g.abs().sum() > 0 for grads in experts for g in grads), "every expert must get tokens"
     all_experts = [g for grads in experts for g in grads]
-    ref2 = float64_norm(ref_grads, 2.0)
-    doubled = float64_norm([*shared, *all_experts, *all_experts], 2.0)
-    averaged = float64_norm([*shared, *[g / 2 for g in all_experts]], 2.0)
+    ref2 = reference_norm(ref_grads, 2.0)
+    doubled = reference_norm([*shared, *all_experts, *all_experts], 2.0)
+    averaged = reference_norm([*shared, *[g / 2 for g in all_experts]], 2.0)
     assert min(abs(doubled - ref2), abs(averaged - ref2)) > 1e-3 * ref2, "the wrong countings must differ"
     clips = clips_for(ref_grads, [2.0, 1.0, 3.0, INF])
     results = worlds(4).run(_rank_moe, clips)
@@ -833,7 +703,7 @@ def test_expert_parallel_moe_counts_each_expert_once(worlds):
         assert_grads_close(res["before"], held, f"MoE rank {r}: gradients vs reference", rtol=REL_TOL,
                            atol=MODEL_ATOL)
     for j, (norm_type, max_norm) in enumerate(clips):
-        ref = float64_norm(ref_grads, norm_type)
+        ref = reference_norm(ref_grads, norm_type)
         records = [res["clips"][j] for res in results]
         for r, (res, record) in enumerate(zip(results, records)):
             check_clip(record, res["before"], ref, max_norm, 1, f"MoE p={norm_type} rank {r}")

@@ -7,94 +7,19 @@ tensor objects), the warnings (category, message, line) and the exceptions (type
 
 import math
 import random
-import warnings
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 import torch.nn.utils as tnu
 
 import distclip
-
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-NORM_TYPES = [0.5, 1, 1.0, 2, 2.0, 3.0, 4.5, math.inf, -math.inf, 0, 0.0, "inf", "-inf", "2"]
-
-
-@dataclass
-class Spec:
-    """Parameters to build: (shape, dtype, has_grad, scale) each; values injected at flat positions."""
-
-    tensors: list = field(default_factory=list)
-    inject: dict = field(default_factory=dict)  # tensor index -> value put at its first element
-    seed: int = 0
-
-    def build(self) -> list[torch.nn.Parameter]:
-        gen = torch.Generator().manual_seed(self.seed)
-        params = []
-        for i, (shape, dtype, has_grad, scale) in enumerate(self.tensors):
-            p = torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype))
-            if has_grad:
-                p.grad = (torch.randn(shape, generator=gen) * scale).to(dtype)
-                if i in self.inject and p.grad.numel():
-                    p.grad.view(-1)[0] = self.inject[i]
-            params.append(p)
-        return params
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The bytes of a tensor, so that NaN payloads and signed zeros compare too."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_bitwise(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.dtype == b.dtype and a.device == b.device and a.shape == b.shape, (a, b)
-    assert torch.equal(bits(a), bits(b)), (a, b)
-
-
-def call(fn, *args, **kwargs):
-    """(result or exception, warnings) of one call; both libraries are called from this same line."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            out = fn(*args, **kwargs)
-        except Exception as err:  # compared with torch's by the caller
-            out = err
-    return out, [(w.category, str(w.message), w.filename, w.lineno) for w in caught]
-
-
-def as_form(params: list, form: str):
-    return {"list": lambda: params, "tuple": lambda: tuple(params), "generator": lambda: (p for p in params),
-            "tensor": lambda: params[0]}[form]()
-
-
-def compare(spec: Spec, name: str, form: str = "list", ours=None, **kwargs) -> object:
-    """Run ``name`` from torch.nn.utils and from distclip (or ``ours``) on twin parameters and assert parity."""
-    theirs, ours_params = spec.build(), spec.build()
-    their_grads = [p.grad for p in theirs]
-    our_grads = [p.grad for p in ours_params]
-    expected, their_warnings = call(getattr(tnu, name), as_form(theirs, form), **kwargs)
-    got, our_warnings = call(getattr(distclip, name) if ours is None else ours, as_form(ours_params, form), **kwargs)
-    if isinstance(expected, Exception):
-        assert type(got) is type(expected) and str(got) == str(expected), (got, expected)
-    elif isinstance(expected, torch.Tensor):
-        assert_bitwise(got, expected)
-        assert not got.requires_grad and got.grad_fn is None
-    else:
-        assert got is None and expected is None
-    assert our_warnings == [(c, m.replace("torch.nn.utils", "distclip"), f, n) for c, m, f, n in their_warnings]
-    for p, q, g_ours, g_theirs in zip(ours_params, theirs, our_grads, their_grads):
-        assert p.grad is g_ours, "gradients must be changed in place, not replaced"
-        if g_theirs is not None:
-            assert_bitwise(p.grad, q.grad)
-        assert not p.grad_fn and (p.grad is None or p.grad.grad_fn is None)
-    return expected
-
+from _tester import DTYPES, TORCH_NORM_TYPES, Spec, assert_bitwise, call, compare
 
 def simple(dtypes=(torch.float32,), scale=10.0, grads=True, **kw) -> Spec:
     return Spec([((3, 4), d, grads, scale) for d in dtypes], **kw)
 
 
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("norm_type", TORCH_NORM_TYPES)
 @pytest.mark.parametrize("foreach", [None, True, False])
 def test_clip_grad_norm_mixed_dtypes(norm_type, foreach):
     spec = Spec([((5,), torch.float32, True, 3.0), ((2, 3), torch.float64, True, 0.1),
@@ -145,7 +70,7 @@ def test_nonfinite_error_leaves_gradients_unchanged():
         assert_bitwise(p.grad, b)
 
 
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("norm_type", TORCH_NORM_TYPES)
 def test_get_total_norm_of_tensors(norm_type):
     tensors_spec = Spec([((4,), torch.float32, False, 1.0), ((2, 2), torch.bfloat16, False, 1.0)])
     theirs, ours = tensors_spec.build(), tensors_spec.build()
@@ -224,7 +149,7 @@ def test_random_sweep():
         )
         form = rng.choice(["list", "tuple", "generator"] + (["tensor"] if count == 1 else []))
         foreach = rng.choice([None, True, False])
-        norm_type = rng.choice(NORM_TYPES)
+        norm_type = rng.choice(TORCH_NORM_TYPES)
         error_if_nonfinite = rng.random() < 0.3
         which = rng.random()
         if which < 0.6:

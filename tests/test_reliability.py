@@ -20,34 +20,9 @@ from hypothesis import strategies as st
 
 import distclip
 from _world import answers
-from test_parity import DTYPES, Spec, compare
+from _tester import DTYPES, Spec, compare, grad_params, reference_norm
 
 SHORT_TIMEOUT = timedelta(seconds=3)
-
-
-def _params(values: list[torch.Tensor]) -> list[torch.Tensor]:
-    params = []
-    for v in values:
-        p = torch.zeros_like(v, requires_grad=True)
-        p.grad = v.clone()
-        params.append(p)
-    return params
-
-
-def _reference(pieces: list[torch.Tensor], p: float) -> float:
-    flat = torch.cat([x.reshape(-1).double() for x in pieces]) if pieces else torch.zeros(0, dtype=torch.float64)
-    if flat.numel() == 0:
-        return 0.0
-    if flat.isnan().any():
-        return math.nan
-    if flat.isinf().any() and p != -math.inf:
-        return math.inf
-    if p == math.inf:
-        return flat.abs().max().item()
-    if p == -math.inf:
-        return flat.abs().min().item()
-    m = flat.abs().max()
-    return 0.0 if m == 0 else (m * torch.linalg.vector_norm(flat / m, p)).item()
 
 
 # ---- mismatched calls -------------------------------------------------------------------------------------
@@ -59,7 +34,7 @@ def _mismatch_rank(calls: list[dict]):
     rank = dist.get_rank()
     group = dist.new_group(timeout=SHORT_TIMEOUT)
     call = calls[rank]
-    params = _params([torch.full((3,), float(rank + 1))])
+    params = grad_params([torch.full((3,), float(rank + 1))])
     before = params[0].grad.clone()
     try:
         if call["api"] == "total":
@@ -112,7 +87,7 @@ def _lonely_rank(rank: int, world_size: int, port: int, fate: str, results) -> N
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=SHORT_TIMEOUT
     )
-    params = _params([torch.ones(4)])
+    params = grad_params([torch.ones(4)])
     distclip.clip_grad_norm_(params, 1.0, group=dist.group.WORLD)  # a first call that every rank makes
     if rank == world_size - 1:
         if fate == "dies":
@@ -180,9 +155,9 @@ def _soak_rank(seed: int, calls: int):
         if i == calls // 4:
             start = readings()
         pieces, p, _ = _soak_case(rng, world_size)
-        params = _params(pieces[rank])
+        params = grad_params(pieces[rank])
         norm = distclip.clip_grad_norm_(params, 1.0, p, group=dist.group.WORLD).item()
-        reference = _reference([x for piece in pieces for x in piece], p)
+        reference = reference_norm([x for piece in pieces for x in piece], p)
         error = abs(norm - reference) / reference if reference else abs(norm)
         worst = max(worst, error)
         del params
@@ -237,7 +212,7 @@ def test_property_sharded_equals_float64_reference(worlds, sizes, dtype, scale, 
         cuts = sorted(rng.randint(0, flat.numel()) for _ in range(2))
         bounds = [0, *cuts, flat.numel()]
         cases.append(([[flat[a:b]] for a, b in zip(bounds, bounds[1:])], norm_type))
-    reference = _reference([flat], norm_type)
+    reference = reference_norm([flat], norm_type)
     for per_rank in worlds(3).run(_property_rank, cases):
         for norm in per_rank:
             assert norm == pytest.approx(reference, rel=1e-5, abs=0, nan_ok=True), (norm, reference)

@@ -22,16 +22,24 @@ import torch.distributed as dist
 from torch.distributed.tensor.debug import CommDebugMode
 
 import distclip
+from _tester import (
+    DTYPES,
+    assert_bitwise,
+    assert_grads_scaled,
+    assert_grads_unchanged,
+    assert_norm_close,
+    clip_coefficient,
+    grad_params,
+    reference_norm,
+)
 
 INF = math.inf
 NAN = math.nan
 WORLD_SIZES = [2, 3, 4]
-FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # The shapes of the logical vector: 67 elements, so that no FSDP-style equal cut on 2, 3 or 4 ranks is exact.
 SHAPES = [(3, 4), (7,), (2, 3, 2), (5,), (1,), (4, 4), (6, 1), (8,)]
 # The norm types of the reference comparisons: floats, an int, strings, and large p (several wire scales).
 NORM_TYPES = [0.5, 1.0, 2.0, 3.0, 2.5, INF, -INF, 2, "inf", "-inf", 8.0, 100.0]
-REL_TOL = 1e-5
 # A group made fresh for one case, with a short collective timeout: a rank left waiting in the collective
 # (a library bug) comes back with an error after this long instead of hanging the world.
 SHORT_TIMEOUT_S = 3
@@ -57,19 +65,6 @@ def _rank_group(spec):
     if spec not in _CACHED_GROUPS:
         _CACHED_GROUPS[spec] = dist.new_group(list(spec))
     return _CACHED_GROUPS[spec]
-
-
-def _rank_params(items):
-    """Parameters whose ``.grad`` are private copies of ``items`` (``None``: a parameter without grad)."""
-    params = []
-    for item in items:
-        if item is None:
-            params.append(torch.zeros(2, requires_grad=True))
-        else:
-            param = torch.zeros_like(item).requires_grad_()
-            param.grad = item.clone()
-            params.append(param)
-    return params
 
 
 def _rank_parameters_arg(params, container):
@@ -106,7 +101,7 @@ def _rank_call(case, params, group, extra):
 
 def _rank_run_case(rank, case):
     group = _rank_group(case["group"])
-    params = _rank_params(case["pieces"][rank])
+    params = grad_params(case["pieces"][rank])
     out = {"norm": None, "error": None, "comms": None, "warnings": [], "extra": {}}
     if case["members"] is None or rank in case["members"]:
         with warnings.catch_warnings(record=True) as caught:
@@ -248,31 +243,6 @@ CUTS = {
 }
 
 
-def reference_norm(values, norm_type):
-    """The p-norm of the concatenation of ``values`` in float64 (scaled by the max, so no float64 overflow);
-    NaN if any value is NaN, 0.0 for no values."""
-    p = float(norm_type)
-    values = [v for v in values if v is not None]
-    if not values or sum(v.numel() for v in values) == 0:
-        return 0.0
-    x = torch.cat([v.reshape(-1).to(torch.float64) for v in values]).abs()
-    if x.isnan().any():
-        return NAN
-    if p == INF:
-        return x.max().item()
-    if p == -INF:
-        return x.min().item()
-    m = x.max().item()
-    if m == 0.0 or math.isinf(m):
-        return m
-    return m * torch.linalg.vector_norm(x / m, p).item()
-
-
-def reference_coef(max_norm, ref):
-    q = max_norm / (ref + 1e-6)
-    return q if math.isnan(q) else min(q, 1.0)
-
-
 def _member_ranks(case, world_size):
     return list(range(world_size)) if case["members"] is None else list(case["members"])
 
@@ -288,54 +258,6 @@ def case_reference(case, world_size):
     """The reference norm of ``case``: over the pieces of the group's ranks."""
     ranks = group_ranks(case["group"], world_size)
     return reference_norm([g for r in ranks for g in case["pieces"][r]], case["norm_type"])
-
-
-def bits(t):
-    """``t``'s bit pattern (NaN-safe bitwise comparison with ``torch.equal``)."""
-    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
-
-
-def assert_bitwise_equal(a, b, what):
-    assert a.dtype == b.dtype and a.shape == b.shape, (
-        f"{what}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}")
-    assert torch.equal(bits(a), bits(b)), f"{what}: not bitwise equal:\n{a}\n{b}"
-
-
-def assert_norm_close(got, ref, what, rel=REL_TOL):
-    if math.isnan(ref):
-        assert math.isnan(got), f"{what}: got {got!r}, expected NaN"
-    elif math.isinf(ref) or ref == 0.0:
-        assert got == ref, f"{what}: got {got!r}, expected {ref!r}"
-    else:
-        assert math.isfinite(got) and abs(got - ref) <= rel * ref, (
-            f"{what}: got {got!r}, expected {ref!r} (rel error {abs(got - ref) / ref:.3g})"
-        )
-
-
-def assert_grads_unchanged(before, after, what):
-    assert len(before) == len(after), what
-    for i, (b, a) in enumerate(zip(before, after)):
-        if b is None:
-            assert a is None, f"{what}: grad {i} appeared"
-        else:
-            assert_bitwise_equal(b, a, f"{what}: grad {i} changed")
-
-
-def assert_grads_scaled(before, after, coef, what):
-    """``after == before * coef`` (coef in float64): bitwise where coef is 1, else within the rounding of
-    the gradient's dtype."""
-    if coef == 1.0:
-        return assert_grads_unchanged(before, after, what)
-    for i, (b, a) in enumerate(zip(before, after)):
-        if b is None:
-            assert a is None, f"{what}: grad {i} appeared"
-            continue
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: grad {i} dtype/shape"
-        info = torch.finfo(b.dtype)
-        torch.testing.assert_close(
-            a.to(torch.float64), b.to(torch.float64) * coef, rtol=1e-6 + 2 * info.eps,
-            atol=info.smallest_normal * info.eps, equal_nan=True, msg=lambda m: f"{what}: grad {i}: {m}",
-        )
 
 
 def check_ok(case, results, ref=None):
@@ -355,13 +277,13 @@ def check_ok(case, results, ref=None):
         f"{label}: returned {first!r}, expected a float64 0-d tensor")
     assert first.device.type == "cpu", f"{label}: norm on {first.device}"
     for r, norm in zip(members, norms):
-        assert_bitwise_equal(norm, first, f"{label}: norm on rank {r} vs rank {members[0]}")
+        assert_bitwise(norm, first, f"{label}: norm on rank {r} vs rank {members[0]}")
         assert results[r]["comms"] == 1, f"{label}: rank {r} made {results[r]['comms']} collectives, expected 1"
     assert_norm_close(first.item(), ref, label)
     for r in range(world_size):
         before, after = case["pieces"][r], results[r]["grads"]
         if r in members and case["api"] in ("clip", "alias", "total_then_scale"):
-            assert_grads_scaled(before, after, reference_coef(case["max_norm"], ref), f"{label} rank {r}")
+            assert_grads_scaled(before, after, clip_coefficient(case["max_norm"], ref), f"{label} rank {r}")
         else:
             assert_grads_unchanged(before, after, f"{label} rank {r}")
     return first
@@ -446,7 +368,7 @@ def test_padding_zeros_count_for_minus_inf(worlds):
 def test_mixed_dtypes_across_and_within_ranks(worlds, world_size, cut):
     """float32, float64, bfloat16 and float16 grads, whole tensors per rank (dtypes differ across ranks) or
     each dtype's buffer cut over all ranks (several dtypes on every rank): the float64 norm of the values."""
-    values = logical_vector(seed=2, dtypes=FLOAT_DTYPES)
+    values = logical_vector(seed=2, dtypes=DTYPES)
     rng = random.Random(world_size)
     pieces = cut_round_robin(values, world_size, rng) if cut == "round_robin" else cut_uneven_per_dtype(
         values, world_size, rng)
@@ -671,7 +593,7 @@ def test_no_collective_without_group(worlds):
         for r, res in enumerate(results):
             assert res["error"] is None and res["comms"] == 0, (case["label"], res["error"], res["comms"])
             expected = torch.nn.utils.get_total_norm([g for g in pieces[r] if g is not None], case["norm_type"])
-            assert_bitwise_equal(res["norm"], expected, f"{case['label']} rank {r}")
+            assert_bitwise(res["norm"], expected, f"{case['label']} rank {r}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -720,7 +642,7 @@ def sweep_case(rng, world_size, index):
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     values = []
     for _ in range(rng.randint(1, 6)):
-        dtype = rng.choice(FLOAT_DTYPES if rng.random() < 0.5 else [torch.float32])
+        dtype = rng.choice(DTYPES if rng.random() < 0.5 else [torch.float32])
         shape = tuple(rng.randint(1, 5) for _ in range(rng.randint(0, 3)))
         scale = 10.0 ** rng.uniform(*SWEEP_SCALES[dtype])
         values.append((torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype))
@@ -766,10 +688,10 @@ def test_world_and_explicit_full_group_agree_bitwise(worlds, world_size):
         check_ok(world_case, a)
         check_ok(full_case, b)
         for r in range(world_size):
-            assert_bitwise_equal(a[r]["norm"], b[r]["norm"], f"p={world_case['norm_type']} rank {r}")
+            assert_bitwise(a[r]["norm"], b[r]["norm"], f"p={world_case['norm_type']} rank {r}")
             for ga, gb in zip(a[r]["grads"], b[r]["grads"]):
                 if ga is not None:
-                    assert_bitwise_equal(ga, gb, f"p={world_case['norm_type']} rank {r} grads")
+                    assert_bitwise(ga, gb, f"p={world_case['norm_type']} rank {r} grads")
 
 
 def test_deprecated_alias_and_single_tensor_parameters(worlds):
