@@ -26,6 +26,8 @@ import torch.nn.utils as tnu
 
 import distclip
 
+from _tester import assert_bitwise, bits
+
 DEVICE = os.environ.get("DISTCLIP_TEST_DEVICE", "cuda")
 if DEVICE.startswith("cuda") and not torch.cuda.is_available():
     pytest.skip("no CUDA device (benchmarks/gpu_check.sh runs this module on a GPU)", allow_module_level=True)
@@ -49,10 +51,6 @@ def _params(dtypes, seed, scale=1.0, device=DEVICE):
     return params
 
 
-def _bits(t):
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
 def _outcome(fn, *args, **kwargs):
     """The result, or the exception's type and message (torch raises for some inputs; distclip must too)."""
     try:
@@ -65,8 +63,7 @@ def _same(a, b, what):
     if isinstance(a, tuple) or isinstance(b, tuple):
         assert a == b, (what, a, b)
         return
-    assert (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape), (what, a, b)
-    assert torch.equal(_bits(a), _bits(b)), (what, a, b)
+    assert_bitwise(a, b, what)
 
 
 @pytest.mark.parametrize("foreach", [None, True, False])
@@ -174,7 +171,7 @@ def test_sharded_on_device_over_gloo(worlds):
                 for g, b in zip(got["grads"], mine):
                     want = (b.double() * c).to(dtype)
                     torch.testing.assert_close(g, want, rtol=rtol, atol=1e-30 if scale > 1 else 1e-7, msg=str(what))
-            assert all(torch.equal(_bits(n), _bits(norms[0])) for n in norms), (label, p, norms)
+            assert all(torch.equal(bits(n), bits(norms[0])) for n in norms), (label, p, norms)
             k += 1
     empty_norms = [res[1] for res in results]  # rank 1 passed no gradients, rank 0 all of them
     assert torch.equal(empty_norms[0], empty_norms[1]) and empty_norms[0].item() > 0, empty_norms

@@ -1,6 +1,5 @@
-"""What the integrations' tests share: the float64 norm of a model's full tensors, and for the framework
-callbacks a tiny network, its batches and the plain loop they are compared with (torch's clip, then an SGD
-step; a non-finite step skipped).
+"""What the framework callbacks' tests share: a tiny network, its batches and the plain loop the callbacks
+are compared with (torch's clip, then an SGD step; a non-finite step skipped).
 
 (Named ``_integration_helpers``, not ``_helpers``: the test folders have no ``__init__.py``, so a helper
 module is imported by its basename alone and two ``_helpers.py`` in different folders would be one module.)
@@ -12,11 +11,6 @@ import torch
 from torch import nn
 
 STEPS = 4
-
-
-def float64_norm(tensors, p) -> float:
-    """The p-norm of the concatenated ``tensors`` (float64 ones for a float64 reference)."""
-    return torch.linalg.vector_norm(torch.cat([t.flatten() for t in tensors]), p).item()
 
 
 def _net():

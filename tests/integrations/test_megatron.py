@@ -35,7 +35,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from distclip.integrations import megatron as dc_megatron
 
-from _integration_helpers import float64_norm
+from _tester import cached_mesh, cached_subgroup, reference_norm
 
 # Megatron is imported in the gloo workers only: its import wraps some 40 functions in torch.compile and costs
 # seconds, which the test process (and the tests after this module) need not share.
@@ -80,15 +80,9 @@ def dp_tp_ep_reference() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 # Rank side.
 # --------------------------------------------------------------------------------------------------------
 
-_GROUPS: dict = {}
-
-
 def _groups():
     """(tp group, pp group) of this rank; ranks 2s, 2s+1 form stage s (or data-parallel replica s)."""
-    if not _GROUPS:
-        _GROUPS["tp"], _ = dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])
-        _GROUPS["pp"], _ = dist.new_subgroups_by_enumeration([[0, 2], [1, 3]])
-    return _GROUPS["tp"], _GROUPS["pp"]
+    return cached_subgroup(((0, 1), (2, 3))), cached_subgroup(((0, 2), (1, 3)))
 
 
 def _param(full: torch.Tensor, split_dim, tp_rank: int) -> nn.Parameter:
@@ -134,12 +128,9 @@ def _dp_tp_ep_params():
 def _fsdp_grads():
     """Megatron-FSDP: DTensor gradients sharded over a 2-rank data-parallel mesh dimension, a different model
     on each coordinate of the 2-rank model-parallel one (the grad-stats group)."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    if "mesh" not in _GROUPS:
-        _GROUPS["mesh"] = init_device_mesh("cpu", (2, 2), mesh_dim_names=("mp", "dp"))
-    mesh = _GROUPS["mesh"]
+    mesh = cached_mesh((2, 2), ("mp", "dp"))
     mp = mesh.get_local_rank("mp")
     grads = [distribute_tensor(seeded("fsdp", mp, name, shape=shape).float(), mesh["dp"], [Shard(0)],
                                src_data_rank=None) for name, shape, _ in DENSE]
@@ -199,7 +190,7 @@ def rank_results(worlds):
 
 def _check(results, key, reference, label):
     for p in NORM_TYPES:
-        ref = float64_norm(reference, p)
+        ref = reference_norm(reference, p)
         for r, res in enumerate(results):
             kind, value, comms = res[key]["distclip"][p]
             assert kind == "float", (label, p, r, kind)  # Megatron returns a Python float
@@ -235,7 +226,7 @@ def test_expert_norm_is_summed_with_the_dense_norm(rank_results):
     _check(rank_results, "experts", expert_ref, "experts")
     for r, res in enumerate(rank_results):
         combined = math.sqrt(res["dense"]["distclip"][2.0][1] ** 2 + res["experts"]["distclip"][2.0][1] ** 2)
-        assert math.isclose(combined, float64_norm(dense_ref + expert_ref, 2), rel_tol=REL_TOL), r
+        assert math.isclose(combined, reference_norm(dense_ref + expert_ref, 2), rel_tol=REL_TOL), r
 
 
 def test_clip_scales_every_copy_by_the_coefficient(rank_results):

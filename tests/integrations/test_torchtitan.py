@@ -24,12 +24,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 
 from distclip.integrations import torchtitan as dc_torchtitan
 
-from _integration_helpers import float64_norm
+from _tester import cached_mesh, clip_coefficient, local, reference_norm
 
 try:
     from torchtitan.distributed.utils import clip_grad_norm_ as torchtitan_clip
@@ -101,29 +101,14 @@ def reference_tensors(case) -> list[torch.Tensor]:
     ]
 
 
-def coefficient(norm: float) -> float:
-    return min(MAX_NORM / (norm + 1e-6), 1.0)
-
-
 # --------------------------------------------------------------------------------------------------------
 # Rank side.
 # --------------------------------------------------------------------------------------------------------
 
-_MESHES: dict = {}
-
-
-def _mesh(shape, names):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if (shape, names) not in _MESHES:
-        _MESHES[(shape, names)] = init_device_mesh("cpu", shape, mesh_dim_names=names)
-    return _MESHES[(shape, names)]
-
-
 def _build(case):
     """This rank's parameters for ``case``, with seeded gradients; and the pipeline mesh."""
     label, mesh_specs, pp, _, tensors = case
-    meshes = {key: _mesh(*spec) for key, spec in mesh_specs.items()}
+    meshes = {key: cached_mesh(*spec) for key, spec in mesh_specs.items()}
     pp_mesh = meshes[pp[0]][pp[1]] if pp else None
     stage = pp_mesh.get_local_rank() if pp else 0
     params = []
@@ -141,27 +126,23 @@ def _build(case):
     return params, pp_mesh
 
 
-def _local(t):
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _record(norm, params, comms):
     """The returned norm, and this rank's local gradients afterwards (compared with the ones before times the
     reference coefficient in the test process: no collective to gather them)."""
     return dict(kind=type(norm).__name__, dtype=norm.dtype, value=norm.detach().clone(), comms=comms,
-                grads=[_local(p.grad).detach().clone() for p in params])
+                grads=[local(p.grad).detach().clone() for p in params])
 
 
 def _rank_case(case, norm_types, with_torchtitan):
     params, pp_mesh = _build(case)
     ep_enabled = case[3]
-    saved = [_local(p.grad).clone() for p in params]
+    saved = [local(p.grad).clone() for p in params]
     out = []
     for p in norm_types:
         entry = {}
         for api in ("distclip", "torchtitan") if with_torchtitan else ("distclip",):
             for param, grad in zip(params, saved):
-                _local(param.grad).copy_(grad)
+                local(param.grad).copy_(grad)
             clip = dc_torchtitan.clip_grad_norm_ if api == "distclip" else torchtitan_clip
             with CommDebugMode() as mode:
                 norm = clip(params, MAX_NORM, p, pp_mesh=pp_mesh, ep_enabled=ep_enabled)
@@ -174,14 +155,14 @@ def _rank_nonfinite(case):
     """A NaN in one gradient of the last rank, error_if_nonfinite=True: every rank raises, none changes."""
     params, pp_mesh = _build(case)
     if dist.get_rank() == WORLD_SIZE - 1:
-        _local(params[0].grad).view(-1)[0] = float("nan")
-    before = [_local(p.grad).clone() for p in params]
+        local(params[0].grad).view(-1)[0] = float("nan")
+    before = [local(p.grad).clone() for p in params]
     try:
         dc_torchtitan.clip_grad_norm_(params, MAX_NORM, 2.0, error_if_nonfinite=True, pp_mesh=pp_mesh)
         error = None
     except RuntimeError as err:
         error = str(err)
-    unchanged = all(torch.allclose(_local(p.grad), b, rtol=0, atol=0, equal_nan=True) for p, b in zip(params, before))
+    unchanged = all(torch.allclose(local(p.grad), b, rtol=0, atol=0, equal_nan=True) for p, b in zip(params, before))
     return error, unchanged
 
 
@@ -211,7 +192,7 @@ def _check_against_float64(case, entries, norm_types, api):
     rel_tol = _tolerance(case, api)
     dtype = torch.float32  # every case has float32 gradients (bf16 ones promote to float32)
     for j, p in enumerate(norm_types):
-        ref = float64_norm(ref_tensors, p)
+        ref = reference_norm(ref_tensors, p)
         values = []
         for r, rank_entries in enumerate(entries):
             got = rank_entries["clips"][j][api]
@@ -222,7 +203,7 @@ def _check_against_float64(case, entries, norm_types, api):
             values.append(got["value"])
             if api == "distclip":
                 assert got["comms"] == 1, (what, got["comms"])
-            c = coefficient(ref if api == "distclip" else got["value"].item())
+            c = clip_coefficient(MAX_NORM, ref if api == "distclip" else got["value"].item())
             for name, grad, before in zip([t[0] for t in tensors], got["grads"], rank_entries["before"]):
                 want = (before.double() * c).to(grad.dtype)
                 rtol, atol = (GRAD_RTOL, GRAD_ATOL) if grad.dtype == torch.float32 else (1e-2, 1e-2)  # bf16 ulps
