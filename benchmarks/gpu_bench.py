@@ -25,7 +25,6 @@ import json
 import math
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import time
@@ -37,17 +36,12 @@ import torch.distributed as dist
 
 import distclip
 from distclip._tools.bench.workloads import workload
+from distclip._tools.ports import free_port
 
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SAMPLE_S = 0.005
 MAX_NORM = 1.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Timer:
@@ -199,7 +193,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(0)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
-                            init_method=f"tcp://127.0.0.1:{_free_port()}", timeout=timedelta(seconds=60))
+                            init_method=f"tcp://127.0.0.1:{free_port()}", timeout=timedelta(seconds=60))
     try:
         result = run(args)
     finally:

@@ -15,23 +15,17 @@ Prints one line ``gpu_sync_check: OK (...)`` and exits 0, or raises.
 import argparse
 import contextlib
 import math
-import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 import distclip
+from distclip._tools.ports import free_port
 
 STEPS = 5
 SHAPES = ((1024, 768), (768,), (3072, 768), (50, 7), (0,))  # on the GPU; the dry run divides dims by 16
 DRY_RUN_SHAPES = tuple(tuple(max(1, d // 16) if d else 0 for d in s) for s in SHAPES)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -91,7 +85,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(0)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             timeout=timedelta(seconds=60))
     try:
         checked = sum(check(device, dtype, policy) for dtype in (torch.float32, torch.bfloat16)

@@ -8,7 +8,6 @@ computed from the whole, unsharded gradient: the norm, its agreement across rank
 """
 
 import os
-import socket
 import sys
 import traceback
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import distclip
+from distclip._tools.ports import free_port
 from distclip.shutdown import exit_cleanly
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
@@ -122,18 +122,12 @@ def _spawn(config: Config) -> int:
         return 2
     status = mp.get_context("spawn").SimpleQueue()
     try:
-        mp.spawn(_spawned_rank, (_free_port(), config, status), config.nproc)
+        mp.spawn(_spawned_rank, (free_port(), config, status), config.nproc)
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
         last_line = str(err).strip().splitlines()[-1]  # the exception, after the rank's traceback
         print(f"distclip demo: rank {err.error_index} failed: {last_line}", file=sys.stderr, flush=True)
         return 1
     return status.get()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawned_rank(rank: int, port: int, config: Config, status: SimpleQueue) -> None:

@@ -6,7 +6,6 @@ import inspect
 import math
 import os
 import platform
-import socket
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ from distclip._tools.bench.workloads import (
     share,
     workload,
 )
+from distclip._tools.ports import free_port
 
 if TYPE_CHECKING:
     from distclip._tools.bench.report import Printer
@@ -412,17 +412,11 @@ def run_sharded(config: Config, out: "Printer") -> tuple[list[dict[str, Any]], d
     machine details, or a one-line error."""
     results = mp.get_context("spawn").SimpleQueue()
     try:
-        mp.spawn(_sharded_rank, (_free_port(), config, out, results), config.nproc)
+        mp.spawn(_sharded_rank, (free_port(), config, out, results), config.nproc)
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
         last_line = str(err).strip().splitlines()[-1]
         return f"rank {err.error_index} failed: {last_line}"
     return results.get()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sharded_rank(rank: int, port: int, config: Config, out: "Printer", results) -> None:
