@@ -1,4 +1,4 @@
-"""Seeded models, batches and float64 references for the layout tests (``test_layouts.py``).
+"""Seeded models, batches and float64 references for the layout tests (``tests/clip/test_layout_*.py``).
 
 Every model is built from a seed alone (its parameters are drawn from a private ``torch.Generator``), so the
 gloo ranks and the test process build bitwise the same initial model, in float32 on the ranks and in float64
@@ -13,6 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 INF = math.inf
+# The float32 gradients of a job against the float64 model's: float32 rounding of values around 1.
+MODEL_ATOL = 1e-6
+# The mesh dimensions of HSDP (FSDP1's hybrid strategies, FSDP2 on a 2-D mesh): replicate over dim 0, shard on 1.
+HSDP_MESH_DIMS = ("replicate", "shard")
 
 
 def init_from_seed(module: nn.Module, seed: int, dtype: torch.dtype) -> nn.Module:
@@ -184,4 +188,3 @@ def moe_reference_grads(batch_indices) -> dict[str, torch.Tensor]:
     loss = sum(moe_loss(model, moe_batch(i, torch.float64)) for i in batch_indices) / len(batch_indices)
     loss.backward()
     return {name: p.grad for name, p in model.named_parameters()}
-
