@@ -332,6 +332,11 @@ class Spec:
         return params
 
 
+def simple_spec(dtypes=(torch.float32,), scale=10.0, grads=True, **kw) -> Spec:
+    """One (3, 4) parameter per dtype in ``dtypes``, with gradients of ``randn * scale`` (or none)."""
+    return Spec([((3, 4), d, grads, scale) for d in dtypes], **kw)
+
+
 def call(fn, *args, **kwargs):
     """(result or exception, warnings) of one call; both libraries are called from this same line."""
     with warnings.catch_warnings(record=True) as caught:

@@ -1,8 +1,9 @@
 """distclip.fast_clip_grad_norm_: torch's clip with the CPU kernels spread over threads, bitwise torch's result.
 
-Parity is checked as in test_parity (twin parameters, values, gradients, warnings and errors compared byte for
-byte with torch.nn.utils.clip_grad_norm_), on lists that mix tensors above and below torch's 32K-element grain
-size, so that both intra-op parallel kernels and single-core kernels run on worker threads.
+Parity is checked as in the parity tests (``_tester.compare``: twin parameters, values, gradients, warnings and
+errors compared byte for byte with torch.nn.utils.clip_grad_norm_), on lists that mix tensors above and below
+torch's 32K-element grain size, so that both intra-op parallel kernels and single-core kernels run on worker
+threads.
 """
 
 import functools
@@ -13,9 +14,9 @@ import random
 import pytest
 import torch
 import torch.nn.utils as tnu
-from _tester import DTYPES, TORCH_NORM_TYPES, Spec, compare
 
 import distclip
+from _tester import DTYPES, TORCH_NORM_TYPES, Spec, compare
 from distclip._clip import threads as _threads
 
 # A few tensors above the grain size (read by several cores inside one kernel) among many small ones.
