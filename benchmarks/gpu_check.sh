@@ -43,7 +43,7 @@ if [ "$dry_run" = 1 ]; then
     docs="$out/benchmarks.md"
     cp docs/benchmarks.md "$docs"
   fi
-  test_filter=(-k parity)  # the sharded test's 2 ranks are test_sharded.py's business on the CPU
+  test_filter=(-k parity)  # the sharded test's 2 ranks are tests/clip/test_sharded_*.py's business on the CPU
   bench_args=(--workloads tiny --dtypes fp32 --norm-types 2 --repeats 2)
   limits=(120 60 60)
 else
