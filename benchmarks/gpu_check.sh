@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with one NVIDIA GPU, in under 8 minutes,
-#   1. the parity and sharded tests on CUDA (tests/test_cuda.py: one process bitwise against torch.nn.utils;
+#   1. the parity and sharded tests on CUDA (tests/clip/test_cuda.py: one process bitwise against torch.nn.utils;
 #      2 gloo ranks on the one GPU with CUDA tensors, against float64),
 #   2. GradClipper.clip_() in sharded mode on a one-rank NCCL group under
 #      torch.cuda.set_sync_debug_mode("error"): no host synchronisation (benchmarks/gpu_sync_check.py),
@@ -8,7 +8,7 @@
 #      its table written into docs/benchmarks.md between the gpu-check markers.
 #
 # Usage: benchmarks/gpu_check.sh [--dry-run] [--docs PATH] [--out DIR]
-#   --dry-run   the same steps on the CPU, quickly (CI runs this: tests/test_gpu_check.py): the parity tests
+#   --dry-run   the same steps on the CPU, quickly (CI runs this: tests/tools/test_gpu_check.py): the parity tests
 #               with DISTCLIP_TEST_DEVICE=cpu, the sync check's logic on a gloo group, a tiny bench, and the
 #               docs step into a copy of docs/benchmarks.md under --out (the real page is left alone)
 #   --docs      the page to write the bench table into (default docs/benchmarks.md; --dry-run: a copy)
@@ -71,7 +71,7 @@ step() {  # step <n> <limit seconds> <name> <command...>
 }
 
 step 1 "${limits[0]}" "parity and sharded tests on $device" \
-  env DISTCLIP_TEST_DEVICE="$device" "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+  env DISTCLIP_TEST_DEVICE="$device" "$python" -m pytest -q -p no:cacheprovider tests/clip/test_cuda.py \
   ${test_filter[@]+"${test_filter[@]}"}
 step 2 "${limits[1]}" "sharded GradClipper.clip_() without host synchronisation" \
   "$python" benchmarks/gpu_sync_check.py --device "$device"

@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh: its dry run passes on the CPU, and leaves docs/benchmarks.md alone.
 
-The dry run is every CPU-runnable part of the GPU check: argument parsing, tests/test_cuda.py's parity tests with
+The dry run is every CPU-runnable part of the GPU check: argument parsing, tests/clip/test_cuda.py's parity tests with
 ``DISTCLIP_TEST_DEVICE=cpu``, the sync-free check's logic on a one-rank gloo group, the bench on a tiny
 configuration, and the docs step into a copy of docs/benchmarks.md. What needs a GPU (CUDA kernels, NCCL,
 ``torch.cuda.set_sync_debug_mode``) runs only when the script runs on one.
@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 PAGE = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"

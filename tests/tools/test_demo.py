@@ -55,7 +55,7 @@ def test_demo_under_torchrun_runs_as_its_ranks():
 
 def test_demo_exits_nonzero_with_the_error_when_a_rank_raises():
     # p = 0 counts nonzero entries: it has no sharded meaning, and distclip raises on every rank. The command line
-    # refuses it before starting any rank (tests/test_cli.py), so the demo is called past the command line here.
+    # refuses it before starting any rank (tests/tools/test_cli.py), so the demo is called past the command line here.
     result = run("-c", "from distclip._tools import demo; raise SystemExit(demo.run(demo.Config(norm_type=0.0, steps=2)))")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "failed: ValueError: distclip: norm_type=0.0 has no sharded meaning" in result.stderr, result.stderr

@@ -1,4 +1,4 @@
-"""Parity and sharded clipping on a GPU: what tests/test_parity.py and tests/test_sharded.py check on the CPU.
+"""Parity and sharded clipping on a GPU: what tests/clip/test_parity_*.py and test_sharded_*.py check on the CPU.
 
 The device is ``DISTCLIP_TEST_DEVICE`` (default ``cuda``); without CUDA the module is skipped, so the CPU suite
 does not run it. ``benchmarks/gpu_check.sh`` runs it on the GPU, and its ``--dry-run`` runs it with
