@@ -13,18 +13,23 @@
 - Output shown in the docs comes from the code: a plain ``` block right after a command's or a script's block
   (nothing but prose between them) shows lines it prints, each exactly, ``...`` standing for lines or parts of a
   line left out.
+
+The quickstart and the guide scripts are independent (each its own virtualenv or directory, torchrun picks its
+own ports), so they run ahead of their tests, two side by side (``_jobs.Ahead``); each test then checks its own
+run's output.
 """
 
 import html
+import importlib.util
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from test_launch import check_steps
+from _jobs import Ahead, output, run
+from _train_lm import check_steps
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "docs" / "quickstart.md"
@@ -96,12 +101,56 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in JOB_VARIABLES}
 
 
+def _optional(body: str) -> list[str]:
+    """The optional frameworks a script imports."""
+    return [module for module in OPTIONAL if re.search(rf"^(from|import) {module}\b", body, re.MULTILINE)]
+
+
+# The runs, one per test, each in the test's own directory: they return what the test checks.
+
+
+def _quickstart(directory: Path):
+    """The quickstart's commands in order, in a fresh virtualenv, stopping at the first that fails, then its
+    python blocks there: the virtualenv, the commands' results and the blocks'."""
+    venv = directory / "venv"
+    created = run([sys.executable, "-m", "venv", str(venv)], RUN_TIMEOUT_S)
+    assert created.returncode == 0, output(created)
+    env = _clean_env()
+    env.update(PATH=f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", VIRTUAL_ENV=str(venv))
+    commands = []
+    for index, command in enumerate(QUICKSTART_COMMANDS):
+        commands.append(run(["bash", "-c", command], INSTALL_TIMEOUT_S if index == 0 else RUN_TIMEOUT_S, cwd=REPO,
+                            env=env))
+        if commands[-1].returncode != 0:
+            return venv, commands, []
+    blocks = [run([str(venv / "bin" / "python"), "-c", block], RUN_TIMEOUT_S, cwd=directory, env=env)
+              for block in _blocks(QUICKSTART, "python")]
+    return venv, commands, blocks
+
+
+def _guide_script(directory: Path, name: str, command: str, body: str, shown: str | None):
+    if any(importlib.util.find_spec(module) is None for module in _optional(body)):
+        return None  # its test skips
+    (directory / name).write_text(body)
+    return run(["bash", "-c", command], RUN_TIMEOUT_S, cwd=directory, env=_clean_env())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runs(request, tmp_path_factory):
+    ahead = Ahead(request, tmp_path_factory, {
+        "test_quickstart_runs_as_written": _quickstart,
+        "test_guide_script_runs_as_written": _guide_script,
+    })
+    yield ahead
+    ahead.close()
+
+
 def test_site_builds_with_warnings_as_errors(tmp_path):
     site = tmp_path / "site"
-    result = subprocess.run(
+    result = run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(REPO / "mkdocs.yml"),
          "--site-dir", str(site)],
-        capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, cwd=REPO, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        BUILD_TIMEOUT_S, cwd=REPO, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     if "No module named mkdocs" in result.stderr:
         pytest.fail('the docs need MkDocs: python -m pip install -e ".[docs]"')
@@ -133,38 +182,39 @@ def test_quickstart_shows_the_readme_install_command_and_only_the_tested_command
     assert readme_commands[0] in commands
 
 
-def test_quickstart_runs_as_written(tmp_path):
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=RUN_TIMEOUT_S)
-    bin_dir = venv / "bin"
-    env = _clean_env()
-    env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", VIRTUAL_ENV=str(venv))
+# pytest-timeout's net for the quickstart, above its own steps' timeouts (the install; the virtualenv, the other
+# commands and the python blocks): sharing the cores with the guide scripts beside it, it can outlast the default.
+QUICKSTART_STEPS = len(QUICKSTART_COMMANDS) + len(_blocks(QUICKSTART, "python"))
 
-    for index, (command, expected) in enumerate(QUICKSTART_COMMANDS.items()):
-        result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=REPO, env=env,
-                                timeout=INSTALL_TIMEOUT_S if index == 0 else RUN_TIMEOUT_S)
-        output = f"$ {command}\nexit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-        assert result.returncode == 0, output
-        assert expected in result.stdout.splitlines(), output
+
+@pytest.mark.timeout(INSTALL_TIMEOUT_S + RUN_TIMEOUT_S * QUICKSTART_STEPS)
+def test_quickstart_runs_as_written(runs, request):
+    venv, results, block_results = runs.take(request)
+    bin_dir = venv / "bin"
+    for index, ((command, expected), result) in enumerate(zip(QUICKSTART_COMMANDS.items(), results)):
+        context = f"$ {command}\nexit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        assert result.returncode == 0, context
+        assert expected in result.stdout.splitlines(), context
         # The install brings what torch needs to import quietly: the demo prints only its own lines.
-        assert NUMPY_WARNING not in result.stderr, output
+        assert NUMPY_WARNING not in result.stderr, context
         shown = shown_output(QUICKSTART, command)
         if shown is not None:
             missing = missing_lines(shown, result.stdout)
-            assert not missing, f"docs/quickstart.md shows lines not printed: {missing}\n{output}"
+            assert not missing, f"docs/quickstart.md shows lines not printed: {missing}\n{context}"
         if "train_lm.py --layout fsdp2 --steps 5" in command:  # the launch page shows the same run's first lines
             shown = FENCE.findall((REPO / "docs" / "launch.md").read_text())[0][1]
             assert shown.startswith("train_lm: layout fsdp2"), shown
             missing = missing_lines(shown, result.stdout)
-            assert not missing, f"docs/launch.md shows lines not printed: {missing}\n{output}"
+            assert not missing, f"docs/launch.md shows lines not printed: {missing}\n{context}"
         if index == 0:  # the rest must run on what this command installed
-            assert (bin_dir / "distclip").is_file() and (bin_dir / "torchrun").is_file(), output
+            assert (bin_dir / "distclip").is_file() and (bin_dir / "torchrun").is_file(), context
         if "train_lm.py" in command:  # rank 0's lines: every step, a finite loss, the first norm the reference's
-            check_steps(result.stdout, output, steps=5, all_ranks=False)
+            check_steps(result.stdout, context, steps=5, all_ranks=False)
+    assert len(results) == len(QUICKSTART_COMMANDS)
 
-    for block in _blocks(QUICKSTART, "python"):
-        result = subprocess.run([str(bin_dir / "python"), "-c", block], capture_output=True, text=True, cwd=tmp_path,
-                                env=env, timeout=RUN_TIMEOUT_S)
+    blocks = _blocks(QUICKSTART, "python")
+    assert len(block_results) == len(blocks)
+    for block, result in zip(blocks, block_results):
         assert result.returncode == 0, f"{block}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
 
@@ -182,19 +232,16 @@ def test_shown_output_is_checked_line_by_line():
 
 
 @pytest.mark.parametrize("name, command, body, shown", list(_scripts()))
-def test_guide_script_runs_as_written(tmp_path, name, command, body, shown):
-    for module in OPTIONAL:
-        if re.search(rf"^(from|import) {module}\b", body, re.MULTILINE):
-            pytest.importorskip(module)
-    (tmp_path / name).write_text(body)
-    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=tmp_path,
-                            env=_clean_env(), timeout=RUN_TIMEOUT_S)
-    output = f"$ {command}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert result.returncode == 0, output
-    assert TORCH_TEARDOWN_ABORT not in result.stderr, output
+def test_guide_script_runs_as_written(runs, request, name, command, body, shown):
+    for module in _optional(body):
+        pytest.importorskip(module)
+    result = runs.take(request)
+    context = f"$ {command}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, context
+    assert TORCH_TEARDOWN_ABORT not in result.stderr, context
     if shown is not None:
         missing = missing_lines(shown, result.stdout)
-        assert not missing, f"the page shows lines the script did not print: {missing}\n{output}"
+        assert not missing, f"the page shows lines the script did not print: {missing}\n{context}"
 
 
 def test_readme_job_example_sets_a_timeout_and_says_what_it_does():
