@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one install recipe of distclip's Docker images (docker/Dockerfile.cpu, docker/Dockerfile.gpu). CI runs
-# the CPU recipe in a fresh virtualenv (tests/tools/test_docker_recipe.py), so what the CPU image installs is
-# tested even where no Docker engine runs.
+# the CPU recipe in a virtualenv apart from the checkout's (tests/tools/test_docker_recipe.py), so what the CPU
+# image installs is tested even where no Docker engine runs.
 #
 #   docker/install.sh cpu   torch==2.13.0 (the CPU build) and numpy, then distclip
 #   docker/install.sh gpu   on a CUDA PyTorch image: keeps its torch, builds DeepSpeed with its CUDA ops, then

@@ -16,7 +16,8 @@
 
 The quickstart and the guide scripts are independent (each its own virtualenv or directory, torchrun picks its
 own ports), so they run ahead of their tests, two side by side (``_jobs.Ahead``); each test then checks its own
-run's output.
+run's output. The quickstart's virtualenv, once its test passed, is handed to the Docker recipe's test
+(``virtualenvs`` in ``conftest.py``).
 """
 
 import html
@@ -188,7 +189,7 @@ QUICKSTART_STEPS = len(QUICKSTART_COMMANDS) + len(_blocks(QUICKSTART, "python"))
 
 
 @pytest.mark.timeout(INSTALL_TIMEOUT_S + RUN_TIMEOUT_S * QUICKSTART_STEPS)
-def test_quickstart_runs_as_written(runs, request):
+def test_quickstart_runs_as_written(runs, request, virtualenvs):
     venv, results, block_results = runs.take(request)
     bin_dir = venv / "bin"
     for index, ((command, expected), result) in enumerate(zip(QUICKSTART_COMMANDS.items(), results)):
@@ -216,6 +217,7 @@ def test_quickstart_runs_as_written(runs, request):
     assert len(block_results) == len(blocks)
     for block, result in zip(blocks, block_results):
         assert result.returncode == 0, f"{block}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    virtualenvs.keep("quickstart", venv)
 
 
 def test_every_python_block_of_the_complete_pages_is_a_script():

@@ -1,19 +1,24 @@
 """The Docker images' recipe, run where no Docker engine is.
 
-- ``docker/install.sh cpu``, the one step of ``docker/Dockerfile.cpu`` that installs anything, runs in a fresh
-  virtualenv, and the image's command (``distclip demo``) then runs from that virtualenv, on the installed
-  package and the torch installed there;
+- ``docker/install.sh cpu``, the one step of ``docker/Dockerfile.cpu`` that installs anything, runs in a
+  virtualenv apart from the checkout's environment, and the image's command (``distclip demo``) then runs from
+  that virtualenv, on the installed package and the torch installed there;
 - ``docker/install.sh gpu`` refuses, with a clear message and before installing anything, an environment
   whose torch is not a CUDA build (the GPU recipe itself needs a CUDA image and cannot run here);
 - ``docker/compose.cpu.yml``: both services' commands run here, with their environment, the service host names
   standing for this machine (127.0.0.1).
 
 PyTorch's CPU index is out of reach here, so the CPU recipe runs with ``TORCH_INDEX_URL=`` and pip finds the
-same pinned wheel (``torch==2.13.0+cpu``) through this machine's pip configuration.
+same pinned wheel (``torch==2.13.0+cpu``) through this machine's pip configuration. The virtualenv is the one the
+quickstart's test (``tests/test_docs.py``) installed into, where that test ran and passed in this session
+(``virtualenvs`` in ``conftest.py``): the recipe's pip then finds that same wheel's torch, and numpy, already
+installed, and replaces the quickstart's editable distclip with the checkout's package. Run alone, it starts
+from an empty virtualenv.
 
 The recipe and the compose job are independent, so both run ahead of their tests, side by side (``_jobs.Ahead``).
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -41,21 +46,24 @@ def _compose() -> dict:
 # The runs, one per test, each in the test's own directory: they return what the test checks.
 
 
-def _cpu_recipe(directory: Path) -> tuple[Path, list[subprocess.CompletedProcess]]:
-    """The virtualenv and the results of the recipe, the demo and the import check."""
-    venv = directory / "venv"
-    created = run([sys.executable, "-m", "venv", str(venv)], RUN_TIMEOUT_S)
-    assert created.returncode == 0, output(created)
+def _cpu_recipe(directory: Path, virtualenvs) -> tuple[Path, str, list[subprocess.CompletedProcess]]:
+    """The virtualenv, where it came from, and the results of the recipe, the demo and the import check."""
+    venv = virtualenvs.take("quickstart")
+    origin = "the quickstart's, handed on"
+    if venv is None:
+        venv, origin = directory / "venv", "new"
+        created = run([sys.executable, "-m", "venv", str(venv)], RUN_TIMEOUT_S)
+        assert created.returncode == 0, output(created)
     bin_dir = venv / "bin"
     env = _env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", VIRTUAL_ENV=str(venv), TORCH_INDEX_URL="")
     install = run(["bash", "docker/install.sh", "cpu"], INSTALL_TIMEOUT_S, cwd=REPO, env=env)
     if install.returncode != 0:
-        return venv, [install]
+        return venv, origin, [install]
     # The image's CMD, from a directory without the checkout: the installed package, not the sources.
     demo = run([str(bin_dir / "distclip"), "demo", "--steps", "2"], RUN_TIMEOUT_S, cwd=directory, env=env)
     where = "import distclip, torch; print(distclip.__file__); print(torch.__file__)"
     located = run([str(bin_dir / "python"), "-c", where], RUN_TIMEOUT_S, cwd=directory, env=env)
-    return venv, [install, demo, located]
+    return venv, origin, [install, demo, located]
 
 
 def _compose_job(directory: Path) -> list[subprocess.CompletedProcess]:
@@ -71,9 +79,10 @@ def _compose_job(directory: Path) -> list[subprocess.CompletedProcess]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def runs(request, tmp_path_factory):
+def runs(request, tmp_path_factory, virtualenvs):
     ahead = Ahead(request, tmp_path_factory, {
-        "test_cpu_recipe_installs_into_a_fresh_virtualenv_and_the_demo_runs": _cpu_recipe,
+        "test_cpu_recipe_installs_into_a_virtualenv_and_the_demo_runs": functools.partial(
+            _cpu_recipe, virtualenvs=virtualenvs),
         "test_the_compose_job_runs_its_two_nodes": _compose_job,
     })
     yield ahead
@@ -83,10 +92,10 @@ def runs(request, tmp_path_factory):
 # pytest-timeout's net above the steps' own timeouts (the virtualenv, the install, the demo, the import check): on
 # a loaded machine the install alone can outlast the default.
 @pytest.mark.timeout(INSTALL_TIMEOUT_S + 3 * RUN_TIMEOUT_S)
-def test_cpu_recipe_installs_into_a_fresh_virtualenv_and_the_demo_runs(runs, request):
-    venv, results = runs.take(request)
+def test_cpu_recipe_installs_into_a_virtualenv_and_the_demo_runs(runs, request):
+    venv, origin, results = runs.take(request)
     install, *rest = results
-    context = output(*results)
+    context = f"virtualenv {venv} ({origin})\n{output(*results)}"
     assert install.returncode == 0, context
     assert "distclip 0.1.0 on torch 2.13.0+cpu" in install.stdout.splitlines(), context
     demo, located = rest
