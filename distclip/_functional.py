@@ -48,6 +48,11 @@ def get_total_norm(
             ``RuntimeError`` in a process launched as one of several ranks (``WORLD_SIZE`` > 1) before
             ``init_process_group()``: that is ``group.WORLD`` read too early, not a local clip.
 
+    In sharded mode the 2-norm of CPU bfloat16/float16 tensors of 256K elements or more is read by a kernel
+    compiled with ``torch.compile`` on the first such call in a process (seconds; about 25 s on 2 cores with an
+    empty inductor cache): set ``DISTCLIP_COMPILE=0`` to skip it. Without it (switched off, unavailable, or
+    failed, which warns once) the same norm comes from eager kernels, about half as fast.
+
     Returns:
         Tensor: the norm, 0-d. In single-process mode torch's result (the tensors' dtype, on the first
             tensor's device; ``torch.tensor(0.0)`` for none); in sharded mode float64, on the first local

@@ -1,13 +1,21 @@
 from pathlib import Path
 
 import pytest
-
+import torch
 from _world import Worlds
+
+from distclip._clip import compiled
 
 
 @pytest.fixture(scope="session")
 def worlds():
-    """``worlds(n)``: a live world of n gloo ranks (see ``_world.World``), shared by the whole session."""
+    """``worlds(n)``: a live world of n gloo ranks (see ``_world.World``), shared by the whole session.
+
+    The compiled bfloat16/float16 norm kernel is compiled here first, so that ranks load it from inductor's
+    on-disk cache (seconds) rather than compile it (tens of seconds with an empty cache, which the tests'
+    collective timeouts would not wait for on a rank whose peer compiles)."""
+    for dtype in compiled.DTYPES:
+        compiled.square_sums([torch.zeros(2, compiled.ROW, dtype=dtype)])
     pool = Worlds()
     yield pool
     pool.close()

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from distclip._clip import threads
+from distclip._clip import compiled, threads
 from distclip._clip.foreach import kernel_groups
 
 # For p up to this, |x| ** p of every float32 value (2**-149 .. 2**128) is a normal float64 number, so the
@@ -108,12 +108,14 @@ def _exact_norms(group: list[Tensor], p: float, use_foreach: bool) -> list[Tenso
 # Elements of the float32 buffer (1 MiB) through which a CPU norm reads most pieces: small tensors side by side,
 # chunks of large ones, slices of strided ones.
 _CHUNK = 1 << 18
-# Elements of a contiguous float32 tensor whose 2-norm one call reads in place: 16 MiB, 16 KiB of row norms.
+# Elements of a block of a contiguous tensor whose 2-norm one call reads in place (float32: 16 MiB, 16 KiB of row
+# norms; bfloat16/float16, through the compiled kernel: 8 MiB).
 _DIRECT_CHUNK = 1 << 22
-# Elements in a row of such a chunk. torch's float32 2-norm kernel adds a row in a few running sums, so over a
+# Elements in a row of such a block. torch's float32 2-norm kernel adds a row in a few running sums, so over a
 # whole tensor it is off by 1e-5 at 16K equal elements (the worst case of running sums) and by 3e-3 on a
-# 38M-element tensor; over rows of 1024 it stays under 2e-6, and the rows' norms are combined in float64.
-_ROW_LENGTH = 1 << 10
+# 38M-element tensor; over rows of 1024 it stays under 2e-6, and the rows' norms are combined in float64 (the
+# compiled kernel's rows are of the same length).
+_ROW_LENGTH = compiled.ROW
 # A float32 p-th power sum at or above this is as accurate as float32 sums are: each term lost to underflow was
 # below 2**-149, so 2**40 of them stay under 2**-109, a 2**-49 fraction of the sum. Below it (a tiny or all-zero
 # piece) the piece is normed again in float64.
@@ -124,29 +126,62 @@ def _fast_then_exact(group: list[Tensor], p: float, dtype: torch.dtype) -> list[
     r"""Float64 norms of pieces of a float32/bfloat16/float16 CPU ``group``, where float64 kernels read ~10x
     slower than float32 ones (and upcast a copy of what they read).
 
-    For p = 2, a chunk of a large contiguous float32 tensor is read in place as rows of ``_ROW_LENGTH`` elements:
-    `\|row\|_2` by torch's float32 norm kernel, the sum of their squares in float64. Every other piece (small
-    tensors side by side, the short ends of large ones, chunks of bfloat16/float16 ones, slices of strided ones;
-    every piece for p != 2, whose norm kernel reads ~10x slower) goes through a float32 buffer: `|x|^p`
-    elementwise (each term rounded once), then ``sum``, whose cascade summation keeps the relative error near
-    float32's unit roundoff for any length. A piece whose power sum overflowed, underflowed or is NaN is normed
-    again in float64, ``_CHUNK`` elements at a time.
+    For p = 2, the large contiguous tensors are read in place as blocks of rows of ``_ROW_LENGTH`` elements: a
+    float32 block by torch's float32 norm kernel, row by row; a bfloat16/float16 block by the compiled kernel
+    (`distclip._clip.compiled`), which sums each row's float32 squares; the rows' results are added in float64.
+    Every other piece (small tensors side by side, the short ends of large ones, slices of strided ones, every
+    piece for p != 2, whose norm kernel reads ~10x slower, and bfloat16/float16 blocks when the compiled kernel
+    is off) goes through a float32 buffer: `|x|^p` elementwise (each term rounded once), then ``sum``, whose
+    cascade summation keeps the relative error near float32's unit roundoff for any length. A piece whose power
+    sum overflowed, underflowed or is NaN is normed again in float64, ``_CHUNK`` elements at a time.
     """
-    direct = p == 2 and dtype == torch.float32
+    rows = p == 2 and (dtype == torch.float32 or compiled.enabled(dtype))
     numels = [g.numel() for g in group]
-    buffer_size = min(_CHUNK, sum(numels))
-    buffer = None  # made for the first piece that needs it: large float32 tensors are read in place for p = 2
-    pieces, sums = [], []
-    for batch, size in _batches(group, numels, _DIRECT_CHUNK if direct else _CHUNK, _ROW_LENGTH if direct else 1):
-        first = batch[0]
+    buffer = _Buffer(min(_CHUNK, sum(numels)))
+    pieces, sums, blocks = [], [], {}  # blocks: the compiled kernel's, by their index in sums
+    for batch, size in _batches(group, numels, _DIRECT_CHUNK if rows else _CHUNK, _ROW_LENGTH if rows else 1):
         pieces.append(batch)
-        if direct and len(batch) == 1 and first.is_contiguous() and size % _ROW_LENGTH == 0:
-            row_norms = torch.linalg.vector_norm(first.view(-1, _ROW_LENGTH), dim=1).to(torch.float64)
-            sums.append(torch.dot(row_norms, row_norms))
-            continue
-        if buffer is None:
-            buffer = torch.empty(buffer_size, dtype=torch.float32)
-        powers = buffer[:size]
+        block = batch[0]
+        if rows and len(batch) == 1 and block.is_contiguous() and size % _ROW_LENGTH == 0:
+            block = block.view(-1, _ROW_LENGTH)
+            if dtype == torch.float32:
+                row_norms = torch.linalg.vector_norm(block, dim=1).to(torch.float64)
+                sums.append(torch.dot(row_norms, row_norms))
+                continue
+            if block.size(0) >= 2:  # one row would be a second compile (torch specialises sizes 0 and 1)
+                blocks[len(sums)] = block
+                sums.append(None)
+                continue
+        sums.append(buffer.power_sum(batch, size, p))
+    if blocks:
+        kernel_sums = compiled.square_sums(list(blocks.values()))
+        for (i, block), s in zip(blocks.items(), kernel_sums or [None] * len(blocks)):
+            if s is None:
+                s = torch.stack([buffer.power_sum([c], c.numel(), p) for c in block.view(-1).split(_CHUNK)]).sum(
+                    dtype=torch.float64)
+            sums[i] = s
+    power_sums = torch.stack([s.to(torch.float64) for s in sums])
+    norms = power_sums.pow(1.0 / p)
+    redo = ~((power_sums >= _LOWEST_ACCURATE_POWER_SUM) & torch.isfinite(power_sums))
+    for i in redo.nonzero().flatten().tolist():
+        slices = [s for t in pieces[i] for s in _slices(t, _CHUNK)]
+        norms[i] = combine_float64(torch.stack(_exact_norms(slices, p, use_foreach=False)), p)
+    return [norms]
+
+
+class _Buffer:
+    """The float32 buffer through which pieces are read, allocated on first use: large float32 tensors are read in
+    place for p = 2, and a group of them never needs it."""
+
+    def __init__(self, size: int):
+        self.size, self.tensor = size, None
+
+    def power_sum(self, batch: list[Tensor], size: int, p: float) -> Tensor:
+        """The float32 sum of ``|x|^p`` over the elements of ``batch`` (``size`` of them, at most the buffer's)."""
+        if self.tensor is None:
+            self.tensor = torch.empty(self.size, dtype=torch.float32)
+        powers = self.tensor[:size]
+        first = batch[0]
         in_place = len(batch) == 1 and first.dtype == torch.float32 and first.is_contiguous()
         if len(batch) > 1:
             _joined(batch, out=powers)
@@ -157,21 +192,15 @@ def _fast_then_exact(group: list[Tensor], p: float, dtype: torch.dtype) -> list[
             torch.square(source, out=powers)
         else:
             torch.abs(source, out=powers).pow_(p)
-        sums.append(powers.sum())
-    power_sums = torch.stack([s.to(torch.float64) for s in sums])
-    norms = power_sums.pow(1.0 / p)
-    redo = ~((power_sums >= _LOWEST_ACCURATE_POWER_SUM) & torch.isfinite(power_sums))
-    for i in redo.nonzero().flatten().tolist():
-        slices = [s for t in pieces[i] for s in _slices(t, _CHUNK)]
-        norms[i] = combine_float64(torch.stack(_exact_norms(slices, p, use_foreach=False)), p)
-    return [norms]
+        return powers.sum()
 
 
 def _batches(group: list[Tensor], numels: list[int], chunk: int, row: int = 1):
     """``(pieces, elements)`` for ``group``'s non-empty tensors (``numels``: their sizes), the pieces views or
     the tensors themselves: tensors under ``_CHUNK`` elements side by side, at most ``_CHUNK`` elements a list;
-    a larger tensor, if it is dense, as its first ``n - n % row`` elements in 1-D chunks of at most ``chunk``
-    (a multiple of ``row``), one a list, and its last ``n % row`` batched as a small tensor; if it is not, as
+    a larger tensor, if it is dense, as its first ``n - n % row`` elements in chunks of at most ``chunk`` (1-D
+    for ``row`` 1; else blocks of rows of ``row``, split evenly, so no block has fewer rows than it needs to), one
+    a list, and its last ``n % row`` batched as a small tensor; if it is not, as
     its `_slices` of at most ``_CHUNK`` elements, one a list (flattening it, or handing it whole to a
     reduction, would copy it whole). One pass, no per-tensor work beyond the size test for small tensors."""
     batch, size = [], 0
@@ -182,7 +211,11 @@ def _batches(group: list[Tensor], numels: list[int], chunk: int, row: int = 1):
                 yield from (([s], s.numel()) for s in _slices(g, _CHUNK))
                 continue
             whole = n - n % row
-            yield from (([c], c.numel()) for c in flat[:whole].split(chunk))
+            if row == 1:
+                blocks = flat.split(chunk)
+            else:
+                blocks = flat[:whole].view(-1, row).tensor_split(-(-whole // chunk))
+            yield from (([b], b.numel()) for b in blocks)
             g, n = flat[whole:], n - whole
         if n == 0:
             continue
