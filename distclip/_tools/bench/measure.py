@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 import distclip
+from distclip._clip import compiled
 from distclip._tools.bench.workloads import (
     DTYPES,
     LAYOUTS,
@@ -534,7 +535,23 @@ def _sharded_suite(
     out.bandwidth(where + ", best of the run: the floor", meter.bandwidth)
     for record in records:
         _set_floor(record, meter.bandwidth.floor(record["bytes_per_rank"]))
-    return records, {"threads_per_rank": threads, **meter.bandwidth.as_json(), "notes": notes}
+    compiles = compiled.compile_seconds()
+    names = [d for d in config.dtypes if DTYPES[d] in compiled.DTYPES]
+    slowest = _max_over_ranks([compiles.get(DTYPES[d], -1.0) for d in names]) if names else []
+    compile_s = {d: (s if s >= 0 else None) for d, s in zip(names, slowest)}
+    if compile_s:
+        out.line(compile_line(compile_s))
+    return records, {"threads_per_rank": threads, **meter.bandwidth.as_json(), "notes": notes,
+                     "compile_s": compile_s}
+
+
+def compile_line(compile_s: dict[str, float | None]) -> str:
+    """What the compiled bfloat16/float16 norm kernel cost this run: its first call on each rank, by dtype (None:
+    not compiled)."""
+    said = [f"{d} {t:.1f} s" if t is not None else f"{d} not compiled (switched off or failed: the eager path)"
+            for d, t in compile_s.items()]
+    return ("compiled bf16/fp16 CPU 2-norm kernel, its first call in a rank's process (the compile; the slowest "
+            f"rank): {', '.join(said)}")
 
 
 # ------------------------------------------------------------------------------------------------ the machine

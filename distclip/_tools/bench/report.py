@@ -4,7 +4,7 @@ the markdown of a run for docs/benchmarks.md."""
 import math
 from typing import Any, ClassVar
 
-from distclip._tools.bench.measure import Bandwidth, case_of, find, one
+from distclip._tools.bench.measure import Bandwidth, case_of, compile_line, find, one
 
 
 def _layout_name(r: dict[str, Any]) -> str:
@@ -207,6 +207,8 @@ def markdown(report: dict[str, Any], image: str | None = None) -> str:
     if "sharded" in m:
         lines.append(f"Best bandwidth of the run, each of {report['config']['nproc']} ranks at once: read "
                      f"{m['sharded']['read_GBps']:.2f} GB/s, read+write {m['sharded']['read_write_GBps']:.2f} GB/s.")
+        if m["sharded"].get("compile_s"):
+            lines.append(compile_line(m["sharded"]["compile_s"]) + ".")
     lines += ["", "| target | item | status | measured |", "| --- | --- | --- | --- |"]
     for t in report["targets"]:
         lines.append(f"| {t['text']} | {t['item']} | **{t['status']}** | {t['detail']} |")
