@@ -171,10 +171,12 @@ def _fast_then_exact(group: list[Tensor], p: float, dtype: torch.dtype) -> list[
 
 class _Buffer:
     """The float32 buffer through which pieces are read, allocated on first use: large float32 tensors are read in
-    place for p = 2, and a group of them never needs it."""
+    place for p = 2, and a group of them never needs it. Small bfloat16/float16 tensors are joined in a buffer of
+    their own dtype first and converted in one copy: ``cat`` converting as it joins costs ~1.4 us a tensor on the
+    CPU, against ~0.1 us for a same-dtype ``cat``."""
 
     def __init__(self, size: int):
-        self.size, self.tensor = size, None
+        self.size, self.tensor, self.joined = size, None, None
 
     def power_sum(self, batch: list[Tensor], size: int, p: float) -> Tensor:
         """The float32 sum of ``|x|^p`` over the elements of ``batch`` (``size`` of them, at most the buffer's)."""
@@ -183,7 +185,11 @@ class _Buffer:
         powers = self.tensor[:size]
         first = batch[0]
         in_place = len(batch) == 1 and first.dtype == torch.float32 and first.is_contiguous()
-        if len(batch) > 1:
+        if len(batch) > 1 and first.dtype != torch.float32:
+            if self.joined is None:
+                self.joined = torch.empty(self.size, dtype=first.dtype)
+            powers.copy_(_joined(batch, out=self.joined[:size]))
+        elif len(batch) > 1:
             _joined(batch, out=powers)
         elif not in_place:
             powers.view(first.shape).copy_(first)
