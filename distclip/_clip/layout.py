@@ -27,7 +27,7 @@ from torch import Tensor
 
 from distclip._clip import reduction
 
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_PLAIN_TYPES = {Tensor, torch.nn.Parameter}
 _DECLARATION_KEYS = {"params", "replicated_over"}
 
 
@@ -174,7 +174,7 @@ def _plain_layout(tensors: list[Tensor], group: Any) -> Layout:
     """Tensors with no declarations: this rank's own pieces over ``group`` (the whole vector without one),
     unless some are DTensors. No per-tensor work beyond what torch does."""
     if _dtensor_type(tensors) is not None:
-        return _layout([(t, ()) for t in tensors], group)
+        return _mixed_layout(tensors, None, group)
     if group is None:
         return Layout(tensors, tensors)
     _, world_size = reduction.membership(group)
@@ -206,31 +206,43 @@ def _one_view(tensors: list[Tensor]) -> Tensor | None:
 
 
 def _layout(entries: list[tuple[Tensor, tuple]], group: Any) -> Layout:
-    dtensor_type = _dtensor_type([t for t, _ in entries])
-    declared = any(groups for _, groups in entries)
-    if dtensor_type is None and not declared:
-        return _plain_layout([t for t, _ in entries], group)
+    tensors = [t for t, _ in entries]
+    replica_groups = [groups for _, groups in entries]
+    if not any(replica_groups):
+        return _plain_layout(tensors, group)
+    return _mixed_layout(tensors, replica_groups, group)
+
+
+def _mixed_layout(tensors: list[Tensor], replica_groups: list[tuple] | None, group: Any) -> Layout:
+    """The layout of DTensors, plain tensors beside them, and declared replicas (``replica_groups``: each
+    tensor's, ``None`` where nothing is declared)."""
+    dtensor_type = _dtensor_type(tensors)
     plain_is_replica = group is None  # beside DTensors and without group=: replicated over the mesh's ranks
     # One pass over the DTensors: their local shards, and whether this rank counts them, decided once per
-    # (mesh, placements) (None for a plain tensor).
+    # (mesh, placements) (None for a plain tensor). FSDP2's come in long runs on one mesh with the same
+    # placement objects, which are compared by identity before their (Python) hash is taken.
     grads, owns_shard = [], []
     owns_shard_of: dict[tuple, bool] = {}
     meshes: dict[int, Any] = {}
     dtypes: set[torch.dtype] = set()
-    for t, _ in entries:
+    last_mesh = last_placements = owns = None
+    for t in tensors:
         if dtensor_type is None or not isinstance(t, dtensor_type):
             grads.append(t)
             owns_shard.append(None)
             continue
-        mesh = t.device_mesh
-        key = (id(mesh), t.placements)
-        owns = owns_shard_of.get(key)
-        if owns is None:
-            meshes[id(mesh)] = mesh
-            owns = owns_shard_of[key] = _owns_dtensor(t)
-        grads.append(t.to_local())
+        mesh, placements = t.device_mesh, t.placements
+        if mesh is not last_mesh or placements != last_placements:
+            key = (id(mesh), placements)
+            owns = owns_shard_of.get(key)
+            if owns is None:
+                meshes[id(mesh)] = mesh
+                owns = owns_shard_of[key] = _owns_dtensor(t)
+            last_mesh, last_placements = mesh, placements
+        local = t.to_local()
+        grads.append(local)
         owns_shard.append(owns)
-        dtypes.add(t.dtype)
+        dtypes.add(local.dtype)
     if group is None:
         if not meshes:
             raise ValueError(
@@ -239,23 +251,37 @@ def _layout(entries: list[tuple[Tensor, tuple]], group: Any) -> Layout:
             )
         group = _mesh_group(list(meshes.values()))
     rank, world_size = reduction.membership(group)
+    counted = _counted(grads, owns_shard, replica_groups, rank == 0 or not plain_is_replica)
+    all_dtensors = None not in owns_shard
+    declared = replica_groups is not None
+    mesh, dtype = _dtensor_result(list(meshes.values()), dtypes) if all_dtensors and not declared else (None, None)
+    return Layout(grads, counted, group, world_size, mesh, dtype)
+
+
+def _counted(grads: list[Tensor], owns_shard: list[bool | None], replica_groups: list[tuple] | None,
+             owns_plain: bool) -> list[Tensor]:
+    """The tensors of ``grads`` this rank counts: a DTensor's shard where it owns it (``owns_shard``), a
+    declared replica where it is rank 0 of all its ``replica_groups``, an undeclared plain tensor where
+    ``owns_plain``."""
+    if replica_groups is None:
+        if False not in owns_shard and (owns_plain or None not in owns_shard):
+            return grads
+        return [g for g, owns in zip(grads, owns_shard) if owns or (owns is None and owns_plain)]
     owner_of: dict[tuple[int, ...], bool] = {}  # per tuple of replica groups: is this rank rank 0 in all?
     counted = []
-    for (_, replica_groups), local, owns in zip(entries, grads, owns_shard):
+    for local, owns, groups in zip(grads, owns_shard, replica_groups):
         if owns is False:
             continue
-        if owns is None and not replica_groups and plain_is_replica:
-            owner = rank == 0
+        if owns is None and not groups:
+            owner = owns_plain
         else:
-            key = tuple(map(id, replica_groups))
+            key = tuple(map(id, groups))
             if key not in owner_of:
-                owner_of[key] = all(reduction.membership(g)[0] == 0 for g in replica_groups)
+                owner_of[key] = all(reduction.membership(g)[0] == 0 for g in groups)
             owner = owner_of[key]
         if owner:
             counted.append(local)
-    all_dtensors = None not in owns_shard
-    mesh, dtype = _dtensor_result(list(meshes.values()), dtypes) if all_dtensors and not declared else (None, None)
-    return Layout(grads, counted, group, world_size, mesh, dtype)
+    return counted
 
 
 def dtensor_class() -> type | None:
@@ -267,7 +293,7 @@ def dtensor_class() -> type | None:
 
 def _dtensor_type(tensors: list[Tensor]) -> type | None:
     """`dtensor_class` if some of ``tensors`` may be DTensors (a type other than a plain tensor's)."""
-    if all(type(t) in _PLAIN_TYPES for t in tensors):
+    if set(map(type, tensors)) <= _PLAIN_TYPES:
         return None
     return dtensor_class()
 
