@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import (
     _device_has_foreach_support,
+    _foreach_supported_types,
     _group_tensors_by_device_and_dtype,
-    _has_foreach_support,
 )
 
 
@@ -35,3 +35,9 @@ def kernel_groups(
             )
         else:
             yield device, dtype, group, False
+
+
+def _has_foreach_support(group: list[Tensor], device: torch.device) -> bool:
+    """torch's ``_has_foreach_support`` for a group without ``None``: the types checked as a set, at C speed
+    (torch's test is a Python generator over the tensors, ~0.05 us a tensor)."""
+    return _device_has_foreach_support(device) and set(map(type, group)) <= set(_foreach_supported_types)

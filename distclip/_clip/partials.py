@@ -8,6 +8,8 @@ arguments, into this rank's row of the reduction (`distclip._clip.row`).
 """
 
 import math
+from bisect import bisect_right
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -49,7 +51,8 @@ def local_norm(grads: list[Tensor], p: float, foreach: bool | None, device: torc
     float64 (max |x| for inf, min |x| for -inf); empty tensors (an empty FSDP shard) hold no element and
     are left out, as torch's inf norm of one raises.
     """
-    grads = [g for g in grads if g.numel()]
+    if 0 in map(Tensor.numel, grads):
+        grads = [g for g in grads if g.numel()]
     if not grads:
         return None
     return combine_float64(torch.cat([n.to(device) for n in _float64_norms(grads, p, foreach)]), p)
@@ -92,7 +95,7 @@ def _extreme_abs(group: list[Tensor], p: float, use_foreach: bool) -> list[Tenso
         torch.stack(torch.aminmax(piece)).abs().amax() if p > 0 else torch.linalg.vector_norm(piece, p)
         for piece in (
             batch[0] if len(batch) == 1 else _joined(batch)
-            for batch, _ in _batches(group, [g.numel() for g in group], _DIRECT_CHUNK)
+            for batch, _ in _batches(group, list(map(Tensor.numel, group)), _DIRECT_CHUNK)
         )
     ]
 
@@ -136,7 +139,7 @@ def _fast_then_exact(group: list[Tensor], p: float, dtype: torch.dtype) -> list[
     sum overflowed, underflowed or is NaN is normed again in float64, ``_CHUNK`` elements at a time.
     """
     rows = p == 2 and (dtype == torch.float32 or compiled.enabled(dtype))
-    numels = [g.numel() for g in group]
+    numels = list(map(Tensor.numel, group))
     buffer = _Buffer(min(_CHUNK, sum(numels)))
     pieces, sums, blocks = [], [], {}  # blocks: the compiled kernel's, by their index in sums
     for batch, size in _batches(group, numels, _DIRECT_CHUNK if rows else _CHUNK, _ROW_LENGTH if rows else 1):
@@ -208,7 +211,17 @@ def _batches(group: list[Tensor], numels: list[int], chunk: int, row: int = 1):
     for ``row`` 1; else blocks of rows of ``row``, split evenly, so no block has fewer rows than it needs to), one
     a list, and its last ``n % row`` batched as a small tensor; if it is not, as
     its `_slices` of at most ``_CHUNK`` elements, one a list (flattening it, or handing it whole to a
-    reduction, would copy it whole). One pass, no per-tensor work beyond the size test for small tensors."""
+    reduction, would copy it whole). When all are small, the lists are found by bisecting the running sizes,
+    with no per-tensor Python; else in one pass, with no per-tensor work beyond the size test for small ones."""
+    if 0 < min(numels, default=1) and max(numels, default=0) < _CHUNK:
+        ends = list(accumulate(numels))
+        start = 0
+        while start < len(group):
+            base = ends[start - 1] if start else 0
+            stop = bisect_right(ends, base + _CHUNK, lo=start)
+            yield group[start:stop], ends[stop - 1] - base
+            start = stop
+        return
     batch, size = [], 0
     for g, n in zip(group, numels):
         if n >= _CHUNK:
@@ -237,7 +250,9 @@ def _batches(group: list[Tensor], numels: list[int], chunk: int, row: int = 1):
 def _joined(batch: list[Tensor], out: Tensor | None = None) -> Tensor:
     """The elements of the small tensors of ``batch`` side by side in one 1-D tensor (``out``). 1-D tensors go in
     as they are: a view of each would cost more host time (~2.5 us) than the copy of a small one."""
-    return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in batch], out=out)
+    if set(map(Tensor.dim, batch)) != {1}:
+        batch = [t if t.dim() == 1 else t.reshape(-1) for t in batch]
+    return torch.cat(batch, out=out)
 
 
 def _dense_view(t: Tensor) -> Tensor | None:

@@ -15,9 +15,8 @@ def scale_(grads: list[Tensor], coefficient: Tensor, foreach: bool | None) -> No
             # mul_ computes a float32/bfloat16/float16 tensor times a float64 0-d tensor in float32, so a float32
             # factor gives the same bits, and torch's CPU kernel takes about a third of the time with it (measured
             # on 2000 small tensors). A 0-d gradient is the exception: two 0-d operands are computed in float64.
-            scalars = [g for g in group if g.dim() == 0]
-            if scalars:
-                _scale_group_(scalars, factor, use_foreach)
+            if 0 in map(Tensor.dim, group):
+                _scale_group_([g for g in group if g.dim() == 0], factor, use_foreach)
                 group = [g for g in group if g.dim() != 0]
             factor = factor.to(torch.float32)
         if group:
