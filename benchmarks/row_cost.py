@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distclip._clip import partials, reduction, row, total_norm
+from distclip._clip.foreach import by_device_and_dtype
 
 
 def _rank(rank: int, world_size: int, port: int, calls: int, results) -> None:
@@ -34,7 +35,7 @@ def _rank(rank: int, world_size: int, port: int, calls: int, results) -> None:
 
     def reduced(arguments, check):
         def run():
-            local = partials.local_norm(grads, 2.0, None, torch.device("cpu"))
+            local = partials.local_norm(by_device_and_dtype(grads), 2.0, None, torch.device("cpu"))
             rows = reduction.gather_rows(row.encode(local, arguments, torch.device("cpu")), dist.group.WORLD)
             if check:
                 row.check_agreement(rows)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from distclip._clip import arguments, layout, modules, pipeline, scaling, total_norm
+from distclip._clip.foreach import by_device_and_dtype
 from distclip._clip.threads import worker_count
 
 _TensorOrTensors = Tensor | Iterable[Tensor]
@@ -75,8 +76,9 @@ def clip_grads_with_norm_(
     `get_total_norm` (``group=`` included) it completes a clip. Local only: no collective.
     """
     grads = layout.local_grads(layout.as_list(parameters, "parameters"))
-    pipeline.scale_by_norm_(grads, arguments.max_norm_value(max_norm, sharded=False), layout.local_tensor(total_norm),
-                            foreach)
+    max_norm = arguments.max_norm_value(max_norm, sharded=False)
+    if grads:
+        pipeline.scale_by_norm_(by_device_and_dtype(grads), max_norm, layout.local_tensor(total_norm), foreach)
 
 
 @torch.no_grad()
@@ -174,7 +176,7 @@ def clip_grad_value_(
     """
     parameters = layout.as_list(parameters, "parameters")
     clip_value = arguments.as_float(clip_value, "clip_value")
-    scaling.clamp_(layout.local_grads(parameters), clip_value, foreach)
+    scaling.clamp_(by_device_and_dtype(layout.local_grads(parameters)), clip_value, foreach)
 
 
 @torch.no_grad()

@@ -15,19 +15,19 @@ import torch
 from torch import Tensor
 
 from distclip._clip import compiled, threads
-from distclip._clip.foreach import kernel_groups
+from distclip._clip.foreach import Grouped, kernel_groups
 
 # For p up to this, |x| ** p of every float32 value (2**-149 .. 2**128) is a normal float64 number, so the
 # float64 norm kernels neither overflow nor underflow; above it each tensor is first scaled by its max |x|.
 _PLAIN_FLOAT64_MAX_P = 6.0
 
 
-def tensor_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[Tensor]:
+def tensor_norms(grouped: Grouped, p: float, foreach: bool | None) -> list[Tensor]:
     """The p-norm of each tensor as ``torch.nn.utils`` computes it: one foreach kernel per device/dtype
     group (per-tensor ``vector_norm`` where foreach is unavailable), in the gradients' dtype and in its order.
     """
     norms: list[Tensor] = []
-    for _, _, group, use_foreach in kernel_groups(tensors, foreach):
+    for _, _, group, use_foreach in kernel_groups(grouped, foreach):
         norms.extend(_norms(group, p, use_foreach))
     return norms
 
@@ -44,18 +44,21 @@ def _norms(group: list[Tensor], p: float, use_foreach: bool, dtype: torch.dtype 
     return [torch.linalg.vector_norm(g, p, dtype=dtype) for g in group]
 
 
-def local_norm(grads: list[Tensor], p: float, foreach: bool | None, device: torch.device) -> Tensor | None:
+def local_norm(grouped: Grouped, p: float, foreach: bool | None, device: torch.device) -> Tensor | None:
     """This rank's local norm as a float64 0-d tensor on ``device``, or ``None`` if it holds no element.
 
-    The local norm is ``||(||g_1||_p, ..., ||g_k||_p)||_p`` over the non-empty local tensors, every norm in
-    float64 (max |x| for inf, min |x| for -inf); empty tensors (an empty FSDP shard) hold no element and
-    are left out, as torch's inf norm of one raises.
+    The local norm is ``||(||g_1||_p, ..., ||g_k||_p)||_p`` over the non-empty local tensors of ``grouped``,
+    every norm in float64 (max |x| for inf, min |x| for -inf); empty tensors (an empty FSDP shard) hold no
+    element and are left out, as torch's inf norm of one raises.
     """
-    if 0 in map(Tensor.numel, grads):
-        grads = [g for g in grads if g.numel()]
-    if not grads:
+    numels = {key: list(map(Tensor.numel, group)) for key, group in grouped.items()}
+    if any(0 in sizes for sizes in numels.values()):
+        grouped = {key: [g for g, n in zip(group, numels[key]) if n] for key, group in grouped.items()}
+        grouped = {key: group for key, group in grouped.items() if group}
+        numels = {key: [n for n in numels[key] if n] for key in grouped}
+    if not grouped:
         return None
-    return combine_float64(torch.cat([n.to(device) for n in _float64_norms(grads, p, foreach)]), p)
+    return combine_float64(torch.cat([n.to(device) for n in _float64_norms(grouped, numels, p, foreach)]), p)
 
 
 def combine_float64(norms: Tensor, p: float) -> Tensor:
@@ -71,21 +74,21 @@ def combine_float64(norms: Tensor, p: float) -> Tensor:
     return _max_scaled(norms, norms.amax(), p)
 
 
-def _float64_norms(grads: list[Tensor], p: float, foreach: bool | None) -> list[Tensor]:
-    """Vectors of float64 norms of pieces of ``grads`` (tensors, or chunks of them) whose p-combination is
-    the norm of ``grads``."""
+def _float64_norms(grouped: Grouped, numels: dict[tuple, list[int]], p: float, foreach: bool | None) -> list[Tensor]:
+    """Vectors of float64 norms of pieces of the non-empty tensors of ``grouped`` (``numels``: their sizes, by
+    group; tensors, or chunks of them) whose p-combination is their norm."""
     norms: list[Tensor] = []
-    for device, dtype, group, use_foreach in kernel_groups(grads, foreach):
+    for device, dtype, group, use_foreach in kernel_groups(grouped, foreach):
         if math.isinf(p):
-            norms.append(torch.stack(_extreme_abs(group, p, use_foreach)).to(torch.float64))
+            norms.append(torch.stack(_extreme_abs(group, numels[device, dtype], p, use_foreach)).to(torch.float64))
         elif device.type == "cpu" and dtype != torch.float64:
-            norms.extend(_fast_then_exact(group, p, dtype))
+            norms.extend(_fast_then_exact(group, numels[device, dtype], p, dtype))
         else:
             norms.append(torch.stack(_exact_norms(group, p, use_foreach)))
     return norms
 
 
-def _extreme_abs(group: list[Tensor], p: float, use_foreach: bool) -> list[Tensor]:
+def _extreme_abs(group: list[Tensor], numels: list[int], p: float, use_foreach: bool) -> list[Tensor]:
     """max |x| (inf) or min |x| (-inf) of pieces of ``group``: exact in any dtype. On the CPU the inf norm is
     read with aminmax over batched pieces, since torch's inf-norm kernels read ~6x slower and cost a kernel per
     tensor; -inf keeps the norm kernel, as |x| of a piece would be a temporary its size."""
@@ -95,7 +98,7 @@ def _extreme_abs(group: list[Tensor], p: float, use_foreach: bool) -> list[Tenso
         torch.stack(torch.aminmax(piece)).abs().amax() if p > 0 else torch.linalg.vector_norm(piece, p)
         for piece in (
             batch[0] if len(batch) == 1 else _joined(batch)
-            for batch, _ in _batches(group, list(map(Tensor.numel, group)), _DIRECT_CHUNK)
+            for batch, _ in _batches(group, numels, _DIRECT_CHUNK)
         )
     ]
 
@@ -125,9 +128,9 @@ _ROW_LENGTH = compiled.ROW
 _LOWEST_ACCURATE_POWER_SUM = 2.0**-60
 
 
-def _fast_then_exact(group: list[Tensor], p: float, dtype: torch.dtype) -> list[Tensor]:
-    r"""Float64 norms of pieces of a float32/bfloat16/float16 CPU ``group``, where float64 kernels read ~10x
-    slower than float32 ones (and upcast a copy of what they read).
+def _fast_then_exact(group: list[Tensor], numels: list[int], p: float, dtype: torch.dtype) -> list[Tensor]:
+    r"""Float64 norms of pieces of a float32/bfloat16/float16 CPU ``group`` (``numels``: its tensors' sizes, none
+    0), where float64 kernels read ~10x slower than float32 ones (and upcast a copy of what they read).
 
     For p = 2, the large contiguous tensors are read in place as blocks of rows of ``_ROW_LENGTH`` elements: a
     float32 block by torch's float32 norm kernel, row by row; a bfloat16/float16 block by the compiled kernel
@@ -139,7 +142,6 @@ def _fast_then_exact(group: list[Tensor], p: float, dtype: torch.dtype) -> list[
     sum overflowed, underflowed or is NaN is normed again in float64, ``_CHUNK`` elements at a time.
     """
     rows = p == 2 and (dtype == torch.float32 or compiled.enabled(dtype))
-    numels = list(map(Tensor.numel, group))
     buffer = _Buffer(min(_CHUNK, sum(numels)))
     pieces, sums, blocks = [], [], {}  # blocks: the compiled kernel's, by their index in sums
     for batch, size in _batches(group, numels, _DIRECT_CHUNK if rows else _CHUNK, _ROW_LENGTH if rows else 1):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from distclip._clip import arguments, coefficient, partials, reduction, row, scaling, threads, total_norm
-from distclip._clip.foreach import kernel_groups
+from distclip._clip.foreach import Grouped, kernel_groups
 from distclip._clip.layout import Layout
 
 
@@ -20,7 +20,7 @@ def clip_(layout: Layout, max_norm: float, norm_type: float | str, error_if_nonf
     computed (float64 when sharded, torch's dtype when local), before `total_norm.for_caller`."""
     max_norm = arguments.max_norm_value(max_norm, layout.sharded)
     norm = total_norm_of(layout, norm_type, error_if_nonfinite, foreach, max_norm)
-    scale_by_norm_(layout.scaled, max_norm, norm, foreach)
+    scale_by_norm_(layout.scaled_groups, max_norm, norm, foreach)
     return norm
 
 
@@ -38,15 +38,15 @@ def total_norm_of(layout: Layout, norm_type: float | str, error_if_nonfinite: bo
     elif not layout.grads:
         return torch.tensor(0.0)
     else:
-        norm = total_norm.combine(partials.tensor_norms(layout.counted, p, foreach), p, layout.grads[0].device)
+        norm = total_norm.combine(partials.tensor_norms(layout.norm_groups, p, foreach), p, layout.grads[0].device)
     total_norm.check_finite(norm, p, error_if_nonfinite, layout)
     return norm
 
 
-def scale_by_norm_(grads: list[Tensor], max_norm: float, norm: Tensor, foreach: bool | None) -> None:
-    """``g *= min(max_norm / (norm + 1e-6), 1)`` for every gradient, in place; no collective."""
-    if grads:
-        scaling.scale_(grads, coefficient.clip_coefficient(max_norm, norm), foreach)
+def scale_by_norm_(grouped: Grouped, max_norm: float, norm: Tensor, foreach: bool | None) -> None:
+    """``g *= min(max_norm / (norm + 1e-6), 1)`` for every gradient of ``grouped``, in place; no collective."""
+    if grouped:
+        scaling.scale_(grouped, coefficient.clip_coefficient(max_norm, norm), foreach)
 
 
 def threaded_clip_(layout: Layout, max_norm: float, norm_type: float | str, error_if_nonfinite: bool,
@@ -59,7 +59,7 @@ def threaded_clip_(layout: Layout, max_norm: float, norm_type: float | str, erro
         return torch.tensor(0.0)
     groups = [
         (device, threads.split(group, workers if use_foreach and device.type == "cpu" else 1), use_foreach)
-        for device, _, group, use_foreach in kernel_groups(layout.grads, None)
+        for device, _, group, use_foreach in kernel_groups(layout.scaled_groups, None)
     ]
     norms = [partials.part_norms(parts, p, use_foreach) for _, parts, use_foreach in groups]
     norm = total_norm.combine_vectors(norms, p, layout.grads[0].device)
@@ -74,7 +74,7 @@ def _sharded_norm(layout: Layout, p: float, foreach: bool | None, call: tuple[fl
                   check_arguments: bool) -> Tensor:
     """The global norm from every rank's row (local norm and the ``call``'s arguments): one ``all_reduce``."""
     wire = reduction.wire_device(layout.group)
-    local = partials.local_norm(layout.norm_pieces, p, foreach, wire)
+    local = partials.local_norm(layout.norm_groups, p, foreach, wire)
     rows = reduction.gather_rows(row.encode(local, call, wire), layout.group)
     if check_arguments:
         row.check_agreement(rows)

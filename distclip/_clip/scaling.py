@@ -4,12 +4,12 @@ import torch
 from torch import Tensor
 
 from distclip._clip import threads
-from distclip._clip.foreach import kernel_groups
+from distclip._clip.foreach import Grouped, kernel_groups
 
 
-def scale_(grads: list[Tensor], coefficient: Tensor, foreach: bool | None) -> None:
-    """``g *= coefficient`` for every gradient, one foreach kernel per device/dtype group."""
-    for device, dtype, group, use_foreach in kernel_groups(grads, foreach):
+def scale_(grouped: Grouped, coefficient: Tensor, foreach: bool | None) -> None:
+    """``g *= coefficient`` for every gradient of ``grouped``, one foreach kernel per device/dtype group."""
+    for device, dtype, group, use_foreach in kernel_groups(grouped, foreach):
         factor = coefficient.to(device)
         if dtype in _FLOAT32_MATH and factor.dtype == torch.float64:
             # mul_ computes a float32/bfloat16/float16 tensor times a float64 0-d tensor in float32, so a float32
@@ -39,9 +39,9 @@ def scale_parts_(parts: list[list[Tensor]], coefficient: Tensor, use_foreach: bo
     threads.map_parts(lambda part: _scale_group_(part, coefficient, use_foreach), parts)
 
 
-def clamp_(grads: list[Tensor], clip_value: float, foreach: bool | None) -> None:
-    """``g = clamp(g, -clip_value, clip_value)`` for every gradient, in place."""
-    for _, _, group, use_foreach in kernel_groups(grads, foreach):
+def clamp_(grouped: Grouped, clip_value: float, foreach: bool | None) -> None:
+    """``g = clamp(g, -clip_value, clip_value)`` for every gradient of ``grouped``, in place."""
+    for _, _, group, use_foreach in kernel_groups(grouped, foreach):
         if use_foreach:
             torch._foreach_clamp_min_(group, -clip_value)
             torch._foreach_clamp_max_(group, clip_value)

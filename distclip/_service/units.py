@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from distclip._clip import layout, partials, reduction, row, total_norm
+from distclip._clip.foreach import by_device_and_dtype
 from distclip._clip.layout import Layout
 
 # Module names that wrappers insert into parameter names; per-unit norms are named without them.
@@ -52,10 +53,14 @@ class Units:
         if not laid_out.sharded:
             zero = torch.zeros((), device=device)
             return torch.stack([
-                total_norm.combine(partials.tensor_norms(g, p, foreach), p, device) if g else zero for g in pieces
+                total_norm.combine(partials.tensor_norms(by_device_and_dtype(g), p, foreach), p, device) if g else zero
+                for g in pieces
             ])
         wire = reduction.wire_device(laid_out.group)
-        rows = torch.cat([row.encode(partials.local_norm(g, p, foreach, wire), (), wire) for g in pieces])
+        rows = torch.cat([
+            row.encode(partials.local_norm(by_device_and_dtype(g), p, foreach, wire) if g else None, (), wire)
+            for g in pieces
+        ])
         gathered = reduction.gather_rows(rows, laid_out.group).reshape(-1, len(pieces), len(row.NORM_COLUMNS))
         return torch.stack([total_norm.from_rows(gathered[:, u], p) for u in range(len(pieces))]).to(device)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from distclip._clip import compiled
+from distclip._clip.foreach import by_device_and_dtype
 from distclip._clip.partials import local_norm
 
 CPU = torch.device("cpu")
@@ -17,7 +18,7 @@ DTYPES = [torch.bfloat16, torch.float16]
 
 
 def _norm(grads):
-    return local_norm(grads, 2.0, None, CPU).item()
+    return local_norm(by_device_and_dtype(grads), 2.0, None, CPU).item()
 
 
 def _reference(grads):

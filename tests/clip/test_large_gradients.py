@@ -58,6 +58,7 @@ def test_strided_gradients_are_normed_without_a_copy_of_their_size(dtype):
     permutations (a transpose, channels_last) are read as they lie; tensors with gaps or repeats a slice at a
     time through the buffer."""
     from distclip._tools.bench import peak_extra_bytes
+    from distclip._clip.foreach import by_device_and_dtype
     from distclip._clip.partials import local_norm
 
     base = torch.randn(1 << 23, generator=torch.Generator().manual_seed(3)).to(dtype)
@@ -73,7 +74,7 @@ def test_strided_gradients_are_normed_without_a_copy_of_their_size(dtype):
     for name, grads in cases.items():
         for p in (2.0, 3.0, math.inf, -math.inf):
             reference = torch.linalg.vector_norm(torch.cat([g.double().reshape(-1) for g in grads]), p).item()
-            norm = local_norm(grads, p, None, torch.device("cpu")).item()
+            norm = local_norm(by_device_and_dtype(grads), p, None, torch.device("cpu")).item()
             assert abs(norm - reference) <= 1e-6 * reference, (name, p, norm, reference)
-            peak = peak_extra_bytes(lambda: local_norm(grads, p, None, torch.device("cpu")))
+            peak = peak_extra_bytes(lambda: local_norm(by_device_and_dtype(grads), p, None, torch.device("cpu")))
             assert peak is not None and peak <= 4 << 20, (name, p, peak)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from distclip._clip import partials
+from distclip._clip.foreach import by_device_and_dtype
 
 
 def _small_tensors(count, seed):
@@ -44,5 +45,5 @@ def test_batches_cover_every_element_once_and_fill_the_buffer(with_large):
 def test_local_norm_of_many_small_tensors(p, dtype):
     tensors = [t.to(dtype) for t in _small_tensors(200, seed=2)]
     reference = torch.linalg.vector_norm(torch.cat([t.double().reshape(-1) for t in tensors]), p).item()
-    norm = partials.local_norm(tensors, p, None, torch.device("cpu")).item()
+    norm = partials.local_norm(by_device_and_dtype(tensors), p, None, torch.device("cpu")).item()
     assert abs(norm - reference) <= 1e-6 * reference, (p, norm, reference)
