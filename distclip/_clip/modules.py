@@ -37,7 +37,20 @@ def parameters_of(module: torch.nn.Module) -> tuple[list[Any], Any]:
     """``(parameters, group)`` of ``module``'s gradients as ``clip_grad_norm_`` takes them (``group`` None: local)."""
     if is_fsdp1(module):
         return fsdp1_parameter_groups(module)
-    return list(module.parameters()), None
+    return parameter_list(module), None
+
+
+def parameter_list(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """``list(module.parameters())``: every module's ``_parameters`` in ``module.modules()`` order, each parameter
+    once, as torch's ``Module.parameters`` lists them, without its per-parameter Python (a generator, and a memo
+    set that hashes each tensor in Python): ~0.1 us a parameter against ~0.4. A module class that overrides how
+    its parameters are listed is asked itself."""
+    cls, base = type(module), torch.nn.Module
+    if (cls.parameters is not base.parameters or cls.named_parameters is not base.named_parameters
+            or cls._named_members is not base._named_members):
+        return list(module.parameters())
+    first = {id(p): p for m in module.modules() for p in m._parameters.values() if p is not None}
+    return list(first.values())
 
 
 def is_fsdp1(module: torch.nn.Module) -> bool:
@@ -83,7 +96,7 @@ def fsdp1_parameter_groups(module: torch.nn.Module) -> tuple[list[Any], Any]:
             sharded.extend(own)  # their .grad are views of this rank's shard, padding excluded
         elif flat.grad is not None:
             sharded.append(_Piece(flat.grad[: flat.grad.numel() - flat._shard_numel_padded]))
-    replicated.extend(p for p in module.parameters() if id(p) not in managed)
+    replicated.extend(p for p in parameter_list(module) if id(p) not in managed)
     if not any_sharded:
         return replicated, None
     return sharded + [{"params": replicated, "replicated_over": group}], group
