@@ -53,6 +53,7 @@ import torch
 from distclip._tools.bench import targets
 from distclip._tools.bench.measure import (
     Config,
+    allocator,
     cpu_name,
     distclip_state,
     find,
@@ -84,7 +85,7 @@ def run(config: Config, command: str = "distclip bench") -> int:
     load_start = os.getloadavg()
     out = Printer()
     cores = usable_cores()
-    out.line(f"distclip bench: {cores} cores, torch {torch.__version__}, load average "
+    out.line(f"distclip bench: {cores} cores, torch {torch.__version__}, {allocator()}, load average "
              f"{load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; workloads {','.join(config.workloads)}; "
              f"dtypes {','.join(config.dtypes)}; p {','.join(config.norm_types)}; {config.repeats} samples a variant"
              f"{' (quick sizes)' if config.quick else ''}")
@@ -95,7 +96,8 @@ def run(config: Config, command: str = "distclip bench") -> int:
     records, single_machine = run_single(config, out)
     machine: dict[str, Any] = {
         "cores": cores, "cpu": cpu_name(), "torch": torch.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "distclip": distclip_state(), "loadavg_start": list(load_start),
+        "platform": platform.platform(), "allocator": allocator(), "distclip": distclip_state(),
+        "loadavg_start": list(load_start),
         "single": single_machine,
     }
     status = 0

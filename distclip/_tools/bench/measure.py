@@ -6,6 +6,7 @@ import inspect
 import math
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -573,6 +574,16 @@ def distclip_state() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     return state
+
+
+def allocator() -> str:
+    """The C allocator of this process and its ranks (which inherit the environment): a library preloaded with
+    ``LD_PRELOAD`` (jemalloc, tcmalloc, mimalloc), else the C library's malloc. Per-tensor host costs depend on
+    it: glibc's malloc slows torch's per-tensor grouping once a large model was built and freed
+    (docs/benchmarks.md)."""
+    names = [os.path.basename(path) for path in re.split(r"[: ]", os.environ.get("LD_PRELOAD", ""))]
+    preloaded = [name for name in names if "alloc" in name]
+    return ", ".join(preloaded) if preloaded else "the C library's malloc"
 
 
 def cpu_name() -> str:

@@ -195,9 +195,11 @@ def markdown(report: dict[str, Any], image: str | None = None) -> str:
     m = report["machine"]
     state = m.get("distclip", {})
     changes = f" with local changes to {', '.join(state['modified'])}" if state.get("modified") else ""
+    alloc = m.get("allocator", "the C library's malloc")  # runs before it was recorded had no preload
     lines = [
         (f"Measured {report['date']} with `{report['command']}`: {m['cores']} cores ({m['cpu']}), torch {m['torch']}, "
-         f"Python {m['python']}; load average {m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} "
+         f"Python {m['python']}, {alloc}; load average "
+         f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} "
          f"at the end (the machine was {'busy' if m['loadavg_start'][0] > 0.5 * m['cores'] else 'quiet'}). "
          f"distclip {state.get('version', '?')} at commit `{state.get('commit', '?')[:12]}`{changes}."),
         "",
