@@ -72,9 +72,7 @@ class Layout:
     @property
     def norm_groups(self) -> Grouped:
         """`norm_pieces` by device and dtype, grouped on first use."""
-        if "norm" not in self._groups:
-            self._groups["norm"] = by_device_and_dtype(self.norm_pieces) if self.norm_pieces else {}
-        return self._groups["norm"]
+        return self._grouped("norm", self.norm_pieces)
 
     @property
     def scaled_groups(self) -> Grouped:
@@ -83,9 +81,12 @@ class Layout:
         ~0.4 us once glibc's heap is fragmented (docs/benchmarks.md)."""
         if self.flat is not None or self.counted is self.grads:
             return self.norm_groups
-        if "scaled" not in self._groups:
-            self._groups["scaled"] = by_device_and_dtype(self.grads) if self.grads else {}
-        return self._groups["scaled"]
+        return self._grouped("scaled", self.grads)
+
+    def _grouped(self, key: str, tensors: list[Tensor]) -> Grouped:
+        if key not in self._groups:
+            self._groups[key] = by_device_and_dtype(tensors) if tensors else {}
+        return self._groups[key]
 
 
 class NotATensorError(TypeError, AttributeError):
