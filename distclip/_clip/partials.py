@@ -8,14 +8,13 @@ arguments, into this rank's row of the reduction (`distclip._clip.row`).
 """
 
 import math
-from bisect import bisect_right
 from itertools import accumulate
 
 import torch
 from torch import Tensor
 
 from distclip._clip import compiled, threads
-from distclip._clip.foreach import Grouped, kernel_groups
+from distclip._clip.foreach import Grouped, kernel_groups, runs
 
 # For p up to this, |x| ** p of every float32 value (2**-149 .. 2**128) is a normal float64 number, so the
 # float64 norm kernels neither overflow nor underflow; above it each tensor is first scaled by its max |x|.
@@ -216,13 +215,7 @@ def _batches(group: list[Tensor], numels: list[int], chunk: int, row: int = 1):
     reduction, would copy it whole). When all are small, the lists are found by bisecting the running sizes,
     with no per-tensor Python; else in one pass, with no per-tensor work beyond the size test for small ones."""
     if 0 < min(numels, default=1) and max(numels, default=0) < _CHUNK:
-        ends = list(accumulate(numels))
-        start = 0
-        while start < len(group):
-            base = ends[start - 1] if start else 0
-            stop = bisect_right(ends, base + _CHUNK, lo=start)
-            yield group[start:stop], ends[stop - 1] - base
-            start = stop
+        yield from ((group[start:stop], size) for start, stop, size in runs(list(accumulate(numels)), _CHUNK))
         return
     batch, size = [], 0
     for g, n in zip(group, numels):
