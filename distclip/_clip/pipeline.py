@@ -20,7 +20,7 @@ def clip_(layout: Layout, max_norm: float, norm_type: float | str, error_if_nonf
     computed (float64 when sharded, torch's dtype when local), before `total_norm.for_caller`."""
     max_norm = arguments.max_norm_value(max_norm, layout.sharded)
     norm = total_norm_of(layout, norm_type, error_if_nonfinite, foreach, max_norm)
-    scale_by_norm_(layout.scaled_groups, max_norm, norm, foreach)
+    scale_by_norm_(layout.scaled_groups, max_norm, norm, foreach, joined=layout.sharded)
     return norm
 
 
@@ -43,10 +43,12 @@ def total_norm_of(layout: Layout, norm_type: float | str, error_if_nonfinite: bo
     return norm
 
 
-def scale_by_norm_(grouped: Grouped, max_norm: float, norm: Tensor, foreach: bool | None) -> None:
-    """``g *= min(max_norm / (norm + 1e-6), 1)`` for every gradient of ``grouped``, in place; no collective."""
+def scale_by_norm_(grouped: Grouped, max_norm: float, norm: Tensor, foreach: bool | None, *,
+                   joined: bool = False) -> None:
+    """``g *= min(max_norm / (norm + 1e-6), 1)`` for every gradient of ``grouped``, in place; no collective.
+    ``joined``: as in `scaling.scale_`."""
     if grouped:
-        scaling.scale_(grouped, coefficient.clip_coefficient(max_norm, norm), foreach)
+        scaling.scale_(grouped, coefficient.clip_coefficient(max_norm, norm), foreach, joined=joined)
 
 
 def threaded_clip_(layout: Layout, max_norm: float, norm_type: float | str, error_if_nonfinite: bool,

@@ -186,7 +186,7 @@ class GradClipper:
             clipped = (factor < 1) | (post_norm < norm)
         else:
             if laid_out.grads and not self.fused:
-                scaling.scale_(laid_out.scaled_groups, factor, self.foreach)
+                scaling.scale_(laid_out.scaled_groups, factor, self.foreach, joined=laid_out.sharded)
             post_norm = norm * factor
             clipped = factor < 1
         counters = self._count(clipped, skip, norm.device)
