@@ -25,7 +25,8 @@ def scale_(grouped: Grouped, coefficient: Tensor, foreach: bool | None, *, joine
                 _scale_group_([g for g in group if g.dim() == 0], factor, use_foreach)
                 group = [g for g in group if g.dim() != 0]
             factor = factor.to(torch.float32)
-            if joined and use_foreach and device.type == "cpu" and dtype != torch.float32 and group:
+            if joined and use_foreach and device.type == "cpu" and dtype != torch.float32 and group and not (
+                    torch.compiler.is_compiling()):
                 group = _scale_joined_(group, factor)
         if group:
             _scale_group_(group, factor, use_foreach)
@@ -67,11 +68,14 @@ def _scale_joined_(group: list[Tensor], factor: Tensor) -> list[Tensor]:
         sizes = [n for n, ok in zip(sizes, picked) if ok]
     if len(small) < 2 or len(set(map(id, small))) < len(small):
         return group
-    buffer = torch.empty(min(_JOINED_BUFFER, sum(sizes)), dtype=group[0].dtype)
-    for start, stop, size in runs(list(accumulate(sizes)), _JOINED_BUFFER):
-        run = torch.cat(flat[start:stop], out=buffer[:size])
-        run.mul_(factor)
-        torch.split_with_sizes_copy(run, sizes[start:stop], out=flat[start:stop])
+    # In inference mode the buffer's views (one a tensor, to copy back) carry no autograd view metadata: ~0.25 us
+    # a view against ~0.4. The gradients are written in place as outside it, and their version counters bumped.
+    with torch.inference_mode():
+        buffer = torch.empty(min(_JOINED_BUFFER, sum(sizes)), dtype=group[0].dtype)
+        for start, stop, size in runs(list(accumulate(sizes)), _JOINED_BUFFER):
+            run = torch.cat(flat[start:stop], out=buffer[:size])
+            run.mul_(factor)
+            torch.split_with_sizes_copy(run, sizes[start:stop], out=flat[start:stop])
     return rest
 
 
