@@ -207,7 +207,7 @@ def clip_module_grad_norm_(
     parameters, group = modules.parameters_of(module)
     laid_out = layout.of_parameters(parameters, group)
     norm = pipeline.clip_(laid_out, max_norm, norm_type, error_if_nonfinite, foreach)
-    dtypes = {g.dtype for g in laid_out.grads}
+    dtypes = {dtype for _, dtype in laid_out.scaled_groups}  # the clip's grouping: no pass over the tensors
     if dtypes:
         return norm.to(reduce(torch.promote_types, dtypes))
     default = torch.get_default_dtype()
