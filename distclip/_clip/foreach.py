@@ -20,6 +20,7 @@ from torch.utils._foreach_utils import (
 )
 
 Grouped = dict[tuple[torch.device, torch.dtype], list[Tensor]]
+Sizes = dict[tuple[torch.device, torch.dtype], list[int]]  # the element counts of a Grouped's tensors
 
 
 def by_device_and_dtype(tensors: list[Tensor]) -> Grouped:
@@ -40,6 +41,11 @@ def by_device_and_dtype(tensors: list[Tensor]) -> Grouped:
 
 
 _IS_CPU, _DTYPE, _CPU = attrgetter("is_cpu"), attrgetter("dtype"), torch.device("cpu")
+
+
+def sizes_of(grouped: Grouped) -> Sizes:
+    """The element counts of the tensors of ``grouped``, by group."""
+    return {key: list(map(Tensor.numel, group)) for key, group in grouped.items()}
 
 
 def kernel_groups(

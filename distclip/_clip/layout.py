@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from distclip._clip import reduction
-from distclip._clip.foreach import Grouped, by_device_and_dtype
+from distclip._clip.foreach import Grouped, Sizes, by_device_and_dtype, sizes_of
 
 _PLAIN_TYPES = {Tensor, torch.nn.Parameter}
 _DECLARATION_KEYS = {"params", "replicated_over"}
@@ -51,9 +51,10 @@ class Layout:
     mesh: Any = None
     dtype: torch.dtype | None = None
     flat: Tensor | None = None
-    # The groupings, made on first use (a dict, not functools.cached_property, whose lock torch.compile cannot
-    # trace on Python 3.11).
+    # The groupings and their tensors' sizes, made on first use (dicts, not functools.cached_property, whose lock
+    # torch.compile cannot trace on Python 3.11).
     _groups: dict[str, Grouped] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _sizes: dict[str, Sizes] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def sharded(self) -> bool:
@@ -83,10 +84,28 @@ class Layout:
             return self.norm_groups
         return self._grouped("scaled", self.grads)
 
+    @property
+    def norm_sizes(self) -> Sizes:
+        """The element counts of `norm_groups`' tensors, read once for the norm and the scaling (read again after
+        the norm has streamed every gradient through the cache, ~0.15 us a tensor)."""
+        return self._sized("norm", self.norm_groups)
+
+    @property
+    def scaled_sizes(self) -> Sizes:
+        """The element counts of `scaled_groups`' tensors."""
+        if self.scaled_groups is self.norm_groups:
+            return self.norm_sizes
+        return self._sized("scaled", self.scaled_groups)
+
     def _grouped(self, key: str, tensors: list[Tensor]) -> Grouped:
         if key not in self._groups:
             self._groups[key] = by_device_and_dtype(tensors) if tensors else {}
         return self._groups[key]
+
+    def _sized(self, key: str, grouped: Grouped) -> Sizes:
+        if key not in self._sizes:
+            self._sizes[key] = sizes_of(grouped)
+        return self._sizes[key]
 
 
 class NotATensorError(TypeError, AttributeError):

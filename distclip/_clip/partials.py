@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from distclip._clip import compiled, threads
-from distclip._clip.foreach import Grouped, kernel_groups, runs
+from distclip._clip.foreach import Grouped, Sizes, kernel_groups, runs, sizes_of
 
 # For p up to this, |x| ** p of every float32 value (2**-149 .. 2**128) is a normal float64 number, so the
 # float64 norm kernels neither overflow nor underflow; above it each tensor is first scaled by its max |x|.
@@ -43,14 +43,15 @@ def _norms(group: list[Tensor], p: float, use_foreach: bool, dtype: torch.dtype 
     return [torch.linalg.vector_norm(g, p, dtype=dtype) for g in group]
 
 
-def local_norm(grouped: Grouped, p: float, foreach: bool | None, device: torch.device) -> Tensor | None:
+def local_norm(grouped: Grouped, p: float, foreach: bool | None, device: torch.device,
+               numels: Sizes | None = None) -> Tensor | None:
     """This rank's local norm as a float64 0-d tensor on ``device``, or ``None`` if it holds no element.
 
-    The local norm is ``||(||g_1||_p, ..., ||g_k||_p)||_p`` over the non-empty local tensors of ``grouped``,
-    every norm in float64 (max |x| for inf, min |x| for -inf); empty tensors (an empty FSDP shard) hold no
-    element and are left out, as torch's inf norm of one raises.
+    The local norm is ``||(||g_1||_p, ..., ||g_k||_p)||_p`` over the non-empty local tensors of ``grouped``
+    (``numels``: their sizes, if known), every norm in float64 (max |x| for inf, min |x| for -inf); empty tensors
+    (an empty FSDP shard) hold no element and are left out, as torch's inf norm of one raises.
     """
-    numels = {key: list(map(Tensor.numel, group)) for key, group in grouped.items()}
+    numels = sizes_of(grouped) if numels is None else numels
     if any(0 in sizes for sizes in numels.values()):
         grouped = {key: [g for g, n in zip(group, numels[key]) if n] for key, group in grouped.items()}
         grouped = {key: group for key, group in grouped.items() if group}

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from distclip._clip import arguments, coefficient, partials, reduction, row, scaling, threads, total_norm
-from distclip._clip.foreach import Grouped, kernel_groups
+from distclip._clip.foreach import Grouped, Sizes, kernel_groups
 from distclip._clip.layout import Layout
 
 
@@ -20,7 +20,7 @@ def clip_(layout: Layout, max_norm: float, norm_type: float | str, error_if_nonf
     computed (float64 when sharded, torch's dtype when local), before `total_norm.for_caller`."""
     max_norm = arguments.max_norm_value(max_norm, layout.sharded)
     norm = total_norm_of(layout, norm_type, error_if_nonfinite, foreach, max_norm)
-    scale_by_norm_(layout.scaled_groups, max_norm, norm, foreach, joined=layout.sharded)
+    scale_by_norm_(layout.scaled_groups, max_norm, norm, foreach, layout.scaled_sizes if layout.sharded else None)
     return norm
 
 
@@ -43,12 +43,12 @@ def total_norm_of(layout: Layout, norm_type: float | str, error_if_nonfinite: bo
     return norm
 
 
-def scale_by_norm_(grouped: Grouped, max_norm: float, norm: Tensor, foreach: bool | None, *,
-                   joined: bool = False) -> None:
+def scale_by_norm_(grouped: Grouped, max_norm: float, norm: Tensor, foreach: bool | None,
+                   joined: Sizes | None = None) -> None:
     """``g *= min(max_norm / (norm + 1e-6), 1)`` for every gradient of ``grouped``, in place; no collective.
     ``joined``: as in `scaling.scale_`."""
     if grouped:
-        scaling.scale_(grouped, coefficient.clip_coefficient(max_norm, norm), foreach, joined=joined)
+        scaling.scale_(grouped, coefficient.clip_coefficient(max_norm, norm), foreach, joined)
 
 
 def threaded_clip_(layout: Layout, max_norm: float, norm_type: float | str, error_if_nonfinite: bool,
@@ -76,7 +76,7 @@ def _sharded_norm(layout: Layout, p: float, foreach: bool | None, call: tuple[fl
                   check_arguments: bool) -> Tensor:
     """The global norm from every rank's row (local norm and the ``call``'s arguments): one ``all_reduce``."""
     wire = reduction.wire_device(layout.group)
-    local = partials.local_norm(layout.norm_groups, p, foreach, wire)
+    local = partials.local_norm(layout.norm_groups, p, foreach, wire, layout.norm_sizes)
     rows = reduction.gather_rows(row.encode(local, call, wire), layout.group)
     if check_arguments:
         row.check_agreement(rows)

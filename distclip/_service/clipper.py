@@ -186,7 +186,8 @@ class GradClipper:
             clipped = (factor < 1) | (post_norm < norm)
         else:
             if laid_out.grads and not self.fused:
-                scaling.scale_(laid_out.scaled_groups, factor, self.foreach, joined=laid_out.sharded)
+                scaling.scale_(laid_out.scaled_groups, factor, self.foreach,
+                               laid_out.scaled_sizes if laid_out.sharded else None)
             post_norm = norm * factor
             clipped = factor < 1
         counters = self._count(clipped, skip, norm.device)

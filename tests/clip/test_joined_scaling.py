@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from distclip._clip import scaling
-from distclip._clip.foreach import by_device_and_dtype
+from distclip._clip.foreach import by_device_and_dtype, sizes_of
 
 
 def _mixed_tensors(dtype: torch.dtype) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
-    sizes = torch.randint(0, scaling._JOINED_MAX, (300,), generator=gen).tolist()  # ~600K elements: several runs
+    sizes = torch.randint(0, scaling._JOINED_MAX, (700,), generator=gen).tolist()  # ~700K elements: several runs
     tensors = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
     tensors[4] = torch.randn(30, 40, generator=gen).to(dtype)  # contiguous 2-D: viewed flat
     tensors[9] = torch.randn(40, 30, generator=gen).to(dtype).t()  # transposed: scaled by itself
-    tensors[17] = torch.randn(2 * scaling._JOINED_MAX, generator=gen).to(dtype)[::2]  # strided 1-D: joined
+    tensors[17] = torch.randn(2 * scaling._JOINED_MAX - 2, generator=gen).to(dtype)[::2]  # strided 1-D: joined
     tensors[25] = torch.randn(scaling._JOINED_MAX + 5, generator=gen).to(dtype)  # large
     tensors[31] = torch.tensor(1.5, dtype=dtype)  # 0-d: float64 math
     tensors[40][:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
@@ -28,14 +28,15 @@ def _mixed_tensors(dtype: torch.dtype) -> list[torch.Tensor]:
 @pytest.mark.parametrize("coefficient", [0.1234567890123, 1.0, 3e-9])
 def test_joined_scaling_gives_mul_bits_in_place(dtype, coefficient):
     tensors = _mixed_tensors(dtype)
-    assert sum(t.numel() for t in tensors) > 2 * scaling._JOINED_BUFFER
+    assert sum(t.numel() for t in tensors if t.numel() < scaling._JOINED_MAX) > 2 * scaling._JOINED_BUFFER
     expected = [t.clone() for t in tensors]
     factor = torch.tensor(coefficient, dtype=torch.float64)
     for t in expected:
         t.mul_(factor if t.dim() == 0 else factor.to(torch.float32))
     before = [(t.data_ptr(), t.shape, t.stride(), t._version) for t in tensors]
 
-    scaling.scale_(by_device_and_dtype(tensors), factor, None, joined=True)
+    grouped = by_device_and_dtype(tensors)
+    scaling.scale_(grouped, factor, None, sizes_of(grouped))
 
     for i, (t, e, (ptr, shape, stride, version)) in enumerate(zip(tensors, expected, before)):
         assert (t.data_ptr(), t.shape, t.stride(), t._version) == (ptr, shape, stride, version + 1), i
@@ -47,7 +48,8 @@ def test_joined_scaling_gives_mul_bits_in_place(dtype, coefficient):
 def test_a_tensor_that_comes_twice_is_scaled_twice():
     tensors = [torch.full((8,), 3.0, dtype=torch.bfloat16) for _ in range(4)]
     listed = tensors + [tensors[1]]
-    scaling.scale_(by_device_and_dtype(listed), torch.tensor(0.5, dtype=torch.float64), None, joined=True)
+    grouped = by_device_and_dtype(listed)
+    scaling.scale_(grouped, torch.tensor(0.5, dtype=torch.float64), None, sizes_of(grouped))
     assert torch.equal(tensors[1], torch.full((8,), 0.75, dtype=torch.bfloat16))
     assert all(torch.equal(t, torch.full((8,), 1.5, dtype=torch.bfloat16)) for t in tensors[::2] + tensors[3:])
 
@@ -60,7 +62,8 @@ def test_joined_takes_the_buffer_and_the_default_takes_foreach_mul(joined):
     tensors = [torch.tensor([float("nan")], dtype=torch.bfloat16) for _ in range(40)]
     expected = [t.clone() for t in tensors]
     torch._foreach_mul_(expected, torch.tensor(0.5))
-    scaling.scale_(by_device_and_dtype(tensors), torch.tensor(0.5, dtype=torch.float64), None, joined=joined)
+    grouped = by_device_and_dtype(tensors)
+    scaling.scale_(grouped, torch.tensor(0.5, dtype=torch.float64), None, sizes_of(grouped) if joined else None)
     bits = [t.view(torch.int16).item() for t in tensors]
     assert all(t.isnan().item() for t in tensors)
     assert (bits != [e.view(torch.int16).item() for e in expected]) is joined
