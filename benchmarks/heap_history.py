@@ -8,8 +8,10 @@ torch and freed, on tensors allocated afterwards:
 - ``cat``: ``torch.cat`` of the tensors; ``mul``: ``torch._foreach_mul_`` by a float32 0-d tensor;
 - ``clip``: ``distclip.clip_grad_norm_(..., group=WORLD)`` minus the same call with no tensors.
 
-With the C library's malloc, ``group`` (and the clip with it) slows after the model; with jemalloc preloaded it
-does not: ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python benchmarks/heap_history.py``.
+With the C library's malloc, ``group`` slows after the model (4x); with jemalloc preloaded it does not:
+``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python benchmarks/heap_history.py``. The clip groups a
+list of CPU tensors of one dtype without torch's grouping (`distclip._clip.foreach.by_device_and_dtype`), so it
+slows less (docs/benchmarks.md, "Tiny tensors").
 Run: python benchmarks/heap_history.py [--dtype bf16]."""
 
 import argparse
