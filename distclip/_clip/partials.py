@@ -74,7 +74,7 @@ def combine_float64(norms: Tensor, p: float) -> Tensor:
     return _max_scaled(norms, norms.amax(), p)
 
 
-def _float64_norms(grouped: Grouped, numels: dict[tuple, list[int]], p: float, foreach: bool | None) -> list[Tensor]:
+def _float64_norms(grouped: Grouped, numels: Sizes, p: float, foreach: bool | None) -> list[Tensor]:
     """Vectors of float64 norms of pieces of the non-empty tensors of ``grouped`` (``numels``: their sizes, by
     group; tensors, or chunks of them) whose p-combination is their norm."""
     norms: list[Tensor] = []
